@@ -1,0 +1,301 @@
+"""Config schema: defaults for every field, and `validate` with clear errors.
+
+Every file in `configs/` starts from `base_config()` and overrides what its
+model needs, so one schema documents all knobs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+ATTENTION_IMPLS = ("xla", "cudnn")
+DISPATCHES = ("capacity", "ragged", "dense")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+NITP_LOSSES = ("cosine", "mse", "smooth_l1", "kl")
+NITP_VARIANTS = ("nitp", "cosine_regularizer")
+PROJECTORS = ("swiglu", "none")
+HIDDEN_SOURCES = ("after_norm", "before_norm")
+SCHEDULES = ("wsd", "wsd_exp")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names field, value, fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields with defaults (a tiny dense model, NITP on)."""
+  c = ml_collections.ConfigDict()
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 8192
+  m.d_model = 256
+  m.num_layers = 4              # total blocks, dense + MoE
+  m.num_heads = 4
+  m.num_kv_heads = 2
+  m.head_dim = 64
+  m.ffn_dim = 1024              # dense SwiGLU hidden size
+  m.qkv_bias = False
+  m.tie_embeddings = True
+  m.rope_theta = 10_000.0
+  m.norm_eps = 1e-6
+  m.max_seq_len = 256           # context length the model is trained at
+  m.attention_impl = "xla"
+  m.scan_layers = True
+  m.remat_policy = "none"
+  m.compute_dtype = "float32"
+  m.param_dtype = "float32"
+  m.init_std = 0.02
+
+  m.moe = e = ml_collections.ConfigDict()
+  e.num_experts = 0             # 0 = dense model
+  e.num_dense_layers = 1        # dense blocks before the MoE blocks
+  e.num_shared_experts = 1
+  e.top_k = 2
+  e.expert_ffn = 256
+  e.shared_expert_ffn = 256
+  e.renormalize = False         # renormalise the top-k softmax weights to 1
+  e.routed_scaling = 1.0
+  e.dispatch = "capacity"
+  e.capacity_factor = 1.25
+  e.aux_loss_weight = 0.01      # load balancing
+  e.z_loss_weight = 0.0         # router z-loss
+
+  c.nitp = n = ml_collections.ConfigDict()
+  n.weight = 1.0                # λ; 0 = plain NTP
+  n.variant = "nitp"            # or the paper's generic cosine regulariser
+  n.target_layer = 1            # k: 0 = embedding output ... num_layers
+  n.shift = 1                   # 1: t -> t+1 (paper), 0: same position
+  n.loss = "cosine"
+  n.stop_gradient = True
+  n.projector = "swiglu"
+  n.projector_mult = 4          # projector hidden = mult * d_model
+  n.start_step = 0              # weight is 0 before this step
+  n.hidden_source = "after_norm"
+
+  c.data = d = ml_collections.ConfigDict()
+  d.input = ""                  # path or glob; "" = embedded default corpus
+  d.prepared_dir = ""           # "" = <workdir>/data
+  d.tokenizer = ""              # existing .model; "" = train one
+  d.text_field = "text"         # jsonl field
+  d.val_fraction = 0.02
+  d.seed = 0
+  d.worker_count = 0            # grain worker processes; 0 = in-process
+  d.prepare_workers = 2
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 200
+  t.global_batch = 8            # sequences per step, all processes together
+  t.seq_len = 256
+  t.microbatches = 1            # gradient accumulation
+  t.lr = 3e-3
+  t.schedule = "wsd"
+  t.warmup_steps = 20
+  t.decay_fraction = 0.2
+  t.final_lr_ratio = 0.0        # lr at the end of the decay, relative to peak
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.eps = 1e-8
+  t.weight_decay = 0.1
+  t.grad_clip = 1.0
+  t.seed = 0
+  t.log_every = 10
+  t.eval_every = 100
+  t.eval_batches = 4
+  t.checkpoint_every = 100
+  t.keep_checkpoints = 3
+
+  c.mesh = s = ml_collections.ConfigDict()
+  s.data = -1                   # -1 fills the remaining devices
+  s.fsdp = 1
+  s.tensor = 1
+  s.expert = 1
+  return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Load `configs/x.py` or `configs/x.py:variant` as `--config=` does."""
+  path, _, variant = path.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist: pass a file from configs/")
+  spec = importlib.util.spec_from_file_location("nitp_user_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def steps_for_tokens(tokens: float, global_batch: int, seq_len: int) -> int:
+  """Optimizer steps that consume `tokens` training tokens."""
+  return int(round(tokens / (global_batch * seq_len)))
+
+
+def _fail(field: str, value, allowed: str) -> None:
+  raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}")
+
+
+def _positive(cfg, *fields: str) -> None:
+  for f in fields:
+    v = _get(cfg, f)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+      _fail(f, v, "must be a positive number")
+
+
+def _choice(cfg, field: str, choices) -> None:
+  v = _get(cfg, field)
+  if v not in choices:
+    _fail(field, v, f"must be one of {', '.join(map(str, choices))}")
+
+
+def _get(cfg, dotted: str):
+  node = cfg
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def is_moe(cfg) -> bool:
+  return cfg.model.moe.num_experts > 0
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Raise ConfigError naming the first bad field; return cfg if all is well."""
+  m, e, n, t = cfg.model, cfg.model.moe, cfg.nitp, cfg.train
+  _positive(cfg, "model.vocab_size", "model.d_model", "model.num_layers",
+            "model.num_heads", "model.num_kv_heads", "model.head_dim",
+            "model.ffn_dim", "model.rope_theta", "model.norm_eps",
+            "model.max_seq_len", "train.steps", "train.global_batch",
+            "train.seq_len", "train.microbatches", "train.lr",
+            "train.log_every", "train.eval_every", "train.checkpoint_every",
+            "train.keep_checkpoints", "train.grad_clip", "model.init_std")
+  if m.num_heads % m.num_kv_heads:
+    _fail("model.num_kv_heads", m.num_kv_heads,
+          f"must divide model.num_heads={m.num_heads} (grouped-query attention)")
+  if m.head_dim % 2:
+    _fail("model.head_dim", m.head_dim, "must be even (RoPE rotates pairs)")
+  _choice(cfg, "model.attention_impl", ATTENTION_IMPLS)
+  _choice(cfg, "model.remat_policy", REMAT_POLICIES)
+  _choice(cfg, "model.compute_dtype", DTYPES)
+  _choice(cfg, "model.param_dtype", DTYPES)
+  if e.num_experts < 0:
+    _fail("model.moe.num_experts", e.num_experts, "must be >= 0 (0 = dense)")
+  if is_moe(cfg):
+    _positive(cfg, "model.moe.top_k", "model.moe.expert_ffn",
+              "model.moe.capacity_factor", "model.moe.routed_scaling")
+    if e.top_k > e.num_experts:
+      _fail("model.moe.top_k", e.top_k,
+            f"must be <= model.moe.num_experts={e.num_experts}")
+    if not 0 <= e.num_dense_layers < m.num_layers:
+      _fail("model.moe.num_dense_layers", e.num_dense_layers,
+            f"must be in [0, model.num_layers={m.num_layers}) so at least "
+            "one MoE block remains")
+    if e.num_shared_experts < 0:
+      _fail("model.moe.num_shared_experts", e.num_shared_experts, "must be >= 0")
+    if e.num_shared_experts:
+      _positive(cfg, "model.moe.shared_expert_ffn")
+    _choice(cfg, "model.moe.dispatch", DISPATCHES)
+    if e.aux_loss_weight < 0 or e.z_loss_weight < 0:
+      _fail("model.moe.aux_loss_weight", e.aux_loss_weight,
+            "aux_loss_weight and z_loss_weight must be >= 0")
+  if not 0 <= n.target_layer <= m.num_layers:
+    _fail("nitp.target_layer", n.target_layer,
+          f"must be in [0, model.num_layers={m.num_layers}] "
+          "(0 = embedding output)")
+  if n.shift not in (0, 1):
+    _fail("nitp.shift", n.shift, "must be 1 (t -> t+1, the paper) or 0 (same position)")
+  _choice(cfg, "nitp.loss", NITP_LOSSES)
+  _choice(cfg, "nitp.variant", NITP_VARIANTS)
+  _choice(cfg, "nitp.projector", PROJECTORS)
+  _choice(cfg, "nitp.hidden_source", HIDDEN_SOURCES)
+  if n.weight < 0:
+    _fail("nitp.weight", n.weight, "must be >= 0 (0 = plain next-token prediction)")
+  if n.start_step < 0:
+    _fail("nitp.start_step", n.start_step, "must be >= 0")
+  _positive(cfg, "nitp.projector_mult")
+  _choice(cfg, "train.schedule", SCHEDULES)
+  if t.seq_len > m.max_seq_len:
+    _fail("train.seq_len", t.seq_len,
+          f"must be <= model.max_seq_len={m.max_seq_len}")
+  if t.global_batch % t.microbatches:
+    _fail("train.microbatches", t.microbatches,
+          f"must divide train.global_batch={t.global_batch}")
+  if t.warmup_steps < 0:
+    _fail("train.warmup_steps", t.warmup_steps, "must be >= 0")
+  if not 0 <= t.decay_fraction <= 1:
+    _fail("train.decay_fraction", t.decay_fraction, "must be in [0, 1]")
+  if not 0 <= t.final_lr_ratio <= 1:
+    _fail("train.final_lr_ratio", t.final_lr_ratio, "must be in [0, 1]")
+  if t.schedule == "wsd_exp" and t.final_lr_ratio <= 0:
+    _fail("train.final_lr_ratio", t.final_lr_ratio,
+          "must be > 0 with train.schedule='wsd_exp' (exponential decay "
+          "cannot reach 0)")
+  if t.weight_decay < 0:
+    _fail("train.weight_decay", t.weight_decay, "must be >= 0")
+  if not (0 <= t.b1 < 1 and 0 <= t.b2 < 1):
+    _fail("train.b1", (t.b1, t.b2), "train.b1 and train.b2 must be in [0, 1)")
+  if not 0 <= cfg.data.val_fraction < 1:
+    _fail("data.val_fraction", cfg.data.val_fraction, "must be in [0, 1)")
+  if cfg.data.worker_count < 0:
+    _fail("data.worker_count", cfg.data.worker_count, "must be >= 0")
+  for axis in ("data", "fsdp", "tensor", "expert"):
+    v = cfg.mesh[axis]
+    if v != -1 and v < 1:
+      _fail(f"mesh.{axis}", v, "must be a positive size or -1 (fill)")
+  return cfg
+
+
+def paper_recipe(c: ml_collections.ConfigDict, *, lr: float, global_batch: int,
+                 tokens: float, target_layer: int, weight: float,
+                 schedule: str = "wsd") -> ml_collections.ConfigDict:
+  """The shared recipe of the paper's App. B / Table 4 (AdamW (0.9, 0.95),
+  wd 0.1, clip 1.0, WSD with 2,000 warmup steps and a 20% decay, context
+  8,192, Qwen2 vocabulary 152,064, bf16 compute)."""
+  m, t = c.model, c.train
+  m.vocab_size = 152_064
+  m.max_seq_len = 8192
+  m.rope_theta = 1_000_000.0
+  m.compute_dtype = "bfloat16"
+  m.remat_policy = "full"
+  t.seq_len = 8192
+  t.global_batch = global_batch
+  t.steps = steps_for_tokens(tokens, global_batch, t.seq_len)
+  t.lr = lr
+  t.schedule = schedule
+  t.final_lr_ratio = 0.01 if schedule == "wsd_exp" else 0.0
+  t.warmup_steps = 2000
+  t.decay_fraction = 0.2
+  t.b1, t.b2, t.weight_decay, t.grad_clip = 0.9, 0.95, 0.1, 1.0
+  t.log_every, t.eval_every, t.checkpoint_every = 10, 1000, 1000
+  c.nitp.target_layer = target_layer
+  c.nitp.weight = weight
+  c.mesh.data, c.mesh.fsdp = 1, -1
+  return c
+
+
+def paper_dense(*, d_model: int, num_layers: int, num_heads: int, num_kv_heads: int,
+                head_dim: int, ffn_dim: int, **recipe) -> ml_collections.ConfigDict:
+  """A Qwen2-family dense model (QKV bias, tied embeddings) with the recipe."""
+  c = base_config()
+  m = c.model
+  m.d_model, m.num_layers, m.num_heads, m.num_kv_heads = d_model, num_layers, num_heads, num_kv_heads
+  m.head_dim, m.ffn_dim = head_dim, ffn_dim
+  m.qkv_bias, m.tie_embeddings = True, True
+  return paper_recipe(c, **recipe)
+
+
+def paper_moe(*, d_model: int, num_moe_layers: int, num_heads: int, num_kv_heads: int,
+              head_dim: int, ffn_dim: int, expert_ffn: int, top_k: int,
+              num_experts: int = 144, **recipe) -> ml_collections.ConfigDict:
+  """DeepSeek-V2-style MoE (one dense block first, routed + 1 shared expert,
+  GQA, untied embeddings) with the recipe."""
+  c = base_config()
+  m, e = c.model, c.model.moe
+  m.d_model, m.num_heads, m.num_kv_heads, m.head_dim = d_model, num_heads, num_kv_heads, head_dim
+  m.num_layers, m.ffn_dim = 1 + num_moe_layers, ffn_dim
+  m.qkv_bias, m.tie_embeddings = False, False
+  e.num_experts, e.num_dense_layers, e.num_shared_experts, e.top_k = num_experts, 1, 1, top_k
+  e.expert_ffn = e.shared_expert_ffn = expert_ffn
+  e.aux_loss_weight = 0.001
+  return paper_recipe(c, **recipe)

@@ -1,0 +1,208 @@
+"""Decoder-only transformer (dense or MoE) that also returns the NITP states.
+
+`Transformer.__call__` returns `(logits_BxTxV, hidden, aux)` where
+`hidden = {"target": h_k, "last": h_L}`: h_k is the residual stream after
+block k (the embedding output for k = 0), h_L the last hidden state (after
+the final norm by default). The layer stack is cut into scanned segments at
+the dense/MoE boundary and at k, so h_k comes out of the one forward pass
+without keeping every layer's output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from nitp_jax.attention import Attention
+from nitp_jax.layers import RMSNorm, SwiGLU, dtype, param
+from nitp_jax.moe import MoE
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+AUX_KEYS = ("load_balance", "router_z", "dropped_fraction")
+
+
+class Block(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then + ffn(norm(x)) (dense or MoE)."""
+  cfg: Any  # frozen model config
+  moe: bool
+
+  @nn.compact
+  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT):
+    c = self.cfg
+    cdt, pdt = dtype(c.compute_dtype), dtype(c.param_dtype)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+    h = RMSNorm(c.norm_eps, pdt, name="attn_norm")(x_BxTxD)
+    x_BxTxD = x_BxTxD + Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.qkv_bias,
+                                  c.rope_theta, c.init_std, c.attention_impl, cdt, pdt,
+                                  name="attn")(h, segment_ids_BxT, positions_BxT).astype(x_BxTxD.dtype)
+    h = RMSNorm(c.norm_eps, pdt, name="ffn_norm")(x_BxTxD)
+    if self.moe:
+      e = c.moe
+      y, aux = MoE(e.num_experts, e.top_k, e.expert_ffn, e.num_shared_experts,
+                   e.shared_expert_ffn, e.renormalize, e.routed_scaling, e.dispatch,
+                   e.capacity_factor, c.init_std, cdt, pdt, name="moe")(h)
+    else:
+      y = SwiGLU(c.ffn_dim, c.init_std, cdt, pdt, name="mlp")(h)
+      aux = {k: jnp.float32(0.0) for k in AUX_KEYS}
+    return x_BxTxD + y.astype(x_BxTxD.dtype), aux
+
+
+def segments(num_layers: int, num_dense: int, target_layer: int) -> list[tuple[int, int, bool]]:
+  """[(start, end, is_moe)]: the stack cut at the dense/MoE boundary and at k."""
+  cuts = sorted({0, num_dense, target_layer, num_layers})
+  return [(a, b, a >= num_dense) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _remat(block_cls, policy: str, scanned: bool):
+  if policy == "none":
+    return block_cls
+  return nn.remat(block_cls, policy=REMAT_POLICIES[policy], prevent_cse=not scanned)
+
+
+class Transformer(nn.Module):
+  cfg: Any             # frozen model config (cfg.model)
+  target_layer: int    # NITP k
+  last_after_norm: bool = True
+
+  @nn.compact
+  def __call__(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None,
+               positions_BxT: jax.Array | None = None):
+    c = self.cfg
+    cdt, pdt = dtype(c.compute_dtype), dtype(c.param_dtype)
+    b, t = tokens_BxT.shape
+    if segment_ids_BxT is None:
+      segment_ids_BxT = jnp.ones((b, t), jnp.int32)
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    embed_VxD = param(self, "embed", (c.vocab_size, c.d_model), ("vocab", "embed"), c.init_std, pdt)
+    x_BxTxD = jnp.take(embed_VxD, tokens_BxT, axis=0).astype(cdt)
+    num_dense = c.num_layers if c.moe.num_experts == 0 else c.moe.num_dense_layers
+    target_BxTxD = x_BxTxD
+    aux_layers = []
+    for start, end, is_moe in segments(c.num_layers, num_dense, self.target_layer):
+      if c.scan_layers:
+        stack = nn.scan(_remat(Block, c.remat_policy, True),
+                        variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast), length=end - start,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        x_BxTxD, aux = stack(c, is_moe, name=f"layers_{start}_{end}")(
+            x_BxTxD, segment_ids_BxT, positions_BxT)
+        aux_layers.append(aux)
+      else:
+        block = _remat(Block, c.remat_policy, False)
+        for i in range(start, end):
+          x_BxTxD, aux = block(c, is_moe, name=f"layer_{i}")(x_BxTxD, segment_ids_BxT, positions_BxT)
+          aux_layers.append(jax.tree.map(lambda a: a[None], aux))
+      if end == self.target_layer:
+        target_BxTxD = x_BxTxD
+    normed_BxTxD = RMSNorm(c.norm_eps, pdt, name="final_norm")(x_BxTxD)
+    if c.tie_embeddings:
+      unembed_DxV = embed_VxD.T
+    else:
+      unembed_DxV = param(self, "unembed", (c.d_model, c.vocab_size), ("embed", "vocab"),
+                          c.init_std, pdt)
+    logits_BxTxV = jnp.einsum("btd,dv->btv", normed_BxTxD, unembed_DxV.astype(cdt))
+    logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "vocab"))
+    hidden = {"target": target_BxTxD,
+              "last": normed_BxTxD if self.last_after_norm else x_BxTxD}
+    aux = _mean_moe_aux(aux_layers, num_dense < c.num_layers, c.num_layers - num_dense)
+    return logits_BxTxV, hidden, aux
+
+
+def _mean_moe_aux(aux_layers: list[dict], has_moe: bool, num_moe: int) -> dict:
+  """Average each aux metric over the MoE layers (zeros for a dense model)."""
+  if not has_moe:
+    return {k: jnp.float32(0.0) for k in AUX_KEYS}
+  return {k: sum(jnp.sum(a[k]) for a in aux_layers) / num_moe for k in AUX_KEYS}
+
+
+class Projector(nn.Module):
+  """NITP projector P: SwiGLU d -> mult*d -> d (12 d^2 params at mult 4)."""
+  d_model: int
+  mult: int
+  std: float
+  compute_dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, h_BxTxD: jax.Array) -> jax.Array:
+    return SwiGLU(self.mult * self.d_model, self.std, dtype(self.compute_dtype),
+                  dtype(self.param_dtype), name="mlp")(h_BxTxD)
+
+
+def uses_projector(cfg: ml_collections.ConfigDict) -> bool:
+  n = cfg.nitp
+  return n.weight > 0 and n.variant == "nitp" and n.projector == "swiglu"
+
+
+def build(cfg: ml_collections.ConfigDict) -> tuple[Transformer, Projector | None]:
+  """The backbone and (when NITP needs one) the projector for a config."""
+  m = cfg.model
+  model = Transformer(ml_collections.FrozenConfigDict(m), cfg.nitp.target_layer,
+                      cfg.nitp.hidden_source == "after_norm")
+  projector = None
+  if uses_projector(cfg):
+    projector = Projector(m.d_model, cfg.nitp.projector_mult, m.init_std,
+                          m.compute_dtype, m.param_dtype)
+  return model, projector
+
+
+def _init_boxed(cfg: ml_collections.ConfigDict, rng: jax.Array) -> dict:
+  model, projector = build(cfg)
+  rng_model, rng_proj = jax.random.split(rng)
+  t = min(8, cfg.model.max_seq_len)
+  tokens = jnp.zeros((1, t), jnp.int32)
+  params = {"backbone": model.init(rng_model, tokens)["params"]}
+  if projector is not None:
+    params["projector"] = projector.init(
+        rng_proj, jnp.zeros((1, t, cfg.model.d_model), jnp.float32))["params"]
+  return params
+
+
+def init_params(cfg: ml_collections.ConfigDict, rng: jax.Array) -> dict:
+  """{"backbone": ..., "projector": ...} float32 pytrees (no metadata boxes)."""
+  return jax.jit(lambda r: nn.unbox(_init_boxed(cfg, r)))(rng)
+
+
+def abstract_params(cfg: ml_collections.ConfigDict) -> tuple[dict, dict]:
+  """(ShapeDtypeStruct tree, logical PartitionSpec tree); allocates nothing."""
+  boxed = jax.eval_shape(lambda: _init_boxed(cfg, jax.random.key(0)))
+  return nn.unbox(boxed), nn.get_partition_spec(boxed)
+
+
+def layer_params(backbone: dict) -> dict[int, dict]:
+  """{layer index: that block's params}, from scanned or unrolled storage."""
+  layers = {}
+  for name, sub in backbone.items():
+    if name.startswith("layer_"):
+      layers[int(name.split("_")[1])] = sub
+    elif name.startswith("layers_"):
+      start, end = map(int, name.split("_")[1:])
+      for i in range(start, end):
+        layers[i] = jax.tree.map(lambda a, i=i - start: a[i], sub)
+  return layers
+
+
+def arrange_layers(backbone: dict, cfg: ml_collections.ConfigDict) -> dict:
+  """Re-store the blocks of `backbone` the way `cfg` lays them out (scanned
+  segments cut at its target layer, or unrolled); other params unchanged.
+  Lets one set of weights serve any target layer or scan setting."""
+  layers = layer_params(backbone)
+  out = {k: v for k, v in backbone.items() if not k.startswith("layer")}
+  m = cfg.model
+  num_dense = m.num_layers if m.moe.num_experts == 0 else m.moe.num_dense_layers
+  for start, end, _ in segments(m.num_layers, num_dense, cfg.nitp.target_layer):
+    if m.scan_layers:
+      out[f"layers_{start}_{end}"] = jax.tree.map(
+          lambda *a: jnp.stack(a), *[layers[i] for i in range(start, end)])
+    else:
+      out.update({f"layer_{i}": layers[i] for i in range(start, end)})
+  return out
