@@ -1,0 +1,11 @@
+"""Data: corpus -> SentencePiece tokenizer -> ArrayRecord shards -> Grain.
+
+  corpus.py     documents from files, directories, globs, or the default
+  tokenizer.py  lossless SentencePiece training and loading
+  prepare.py    tokenize once into shards + manifest (`ensure_prepared`)
+  pipeline.py   packed, sharded, checkpointable training batches
+
+Kept import-light: import the submodule you need.
+"""
+
+from nitp_jax.data.corpus import DataError  # noqa: F401

@@ -1,0 +1,194 @@
+"""Text corpora: documents from a file, a directory, a glob, or the default.
+
+A corpus yields documents (str). `.txt`/`.md` files (and any other file named
+directly or matched by a glob) are one document each; `.jsonl` files hold one
+document per line in a configurable field. A file named directly must be good
+(else DataError); inside a directory or glob a bad file is skipped and
+counted in `Corpus.skipped`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import pathlib
+import sys
+import sysconfig
+from typing import Iterator
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIXES = (".jsonl",)
+DIRECTORY_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
+DEFAULT_NAME = "default"
+_EXCLUDED_STDLIB_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+
+
+class DataError(ValueError):
+  """Bad data or data settings; the message says what is wrong and the fix."""
+
+
+class _BadFile(Exception):
+  """A file that cannot be read as a corpus file (reason in args[0])."""
+
+
+@dataclasses.dataclass
+class Corpus:
+  """Documents from `files` (then `extra`), in a fixed order.
+
+  Attributes:
+    name: what the corpus is (the input spec, or "default").
+    files: files to read, sorted.
+    direct: True when a single file was named directly (errors are fatal).
+    text_field: the jsonl field holding the document text.
+    extra: in-memory (name, text) documents read after the files.
+    skipped: (path, reason) of bad files or lines, filled while iterating.
+    empty_documents: documents skipped because they are blank.
+  """
+  name: str
+  files: list[pathlib.Path]
+  direct: bool = False
+  text_field: str = "text"
+  extra: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  empty_documents: int = 0
+
+  def __iter__(self) -> Iterator[str]:
+    """Yield non-blank documents; DataError if there are none."""
+    self.skipped, self.empty_documents = [], 0
+    count = 0
+    for path in self.files:
+      try:
+        for doc in _read_file(path, self.text_field, self.direct, self.skipped):
+          if doc.strip():
+            count += 1
+            yield doc
+          else:
+            self.empty_documents += 1
+      except _BadFile as e:
+        if self.direct:
+          raise DataError(f"{path}: {e.args[0]}") from None
+        self.skipped.append((str(path), e.args[0]))
+    for _, doc in self.extra:
+      if doc.strip():
+        count += 1
+        yield doc
+      else:
+        self.empty_documents += 1
+    if not count:
+      raise DataError(self._empty_message())
+
+  def fingerprint(self) -> str:
+    """sha256 over relative file names and sizes (cheap: no contents read)."""
+    h = hashlib.sha256()
+    root = os.path.commonpath(self.files) if self.files else ""
+    if len(self.files) == 1:
+      root = os.path.dirname(root)
+    for path in self.files:
+      name = os.path.relpath(path, root)
+      h.update(f"{name}\0{path.stat().st_size}\n".encode())
+    for name, doc in self.extra:
+      h.update(f"{name}\0{len(doc)}\n".encode())
+    return h.hexdigest()
+
+  def _empty_message(self) -> str:
+    msg = (f"corpus {self.name!r} is empty: no non-blank documents in "
+           f"{len(self.files)} file(s)")
+    if self.empty_documents:
+      msg += f", {self.empty_documents} blank document(s)"
+    if self.skipped:
+      shown = "; ".join(f"{p}: {r}" for p, r in self.skipped[:3])
+      msg += f", {len(self.skipped)} skipped ({shown})"
+    return msg + ". Point --input at text (.txt/.md) or .jsonl files."
+
+
+def open_corpus(spec: str, text_field: str = "text") -> Corpus:
+  """Corpus for a file, directory or glob; "" = `default_corpus()`.
+
+  Raises DataError when the path does not exist, the glob matches no file,
+  or the directory has no .txt/.md/.jsonl file.
+  """
+  if not spec:
+    return default_corpus()
+  path = pathlib.Path(spec).expanduser()
+  if glob.has_magic(spec):
+    files = sorted(pathlib.Path(p) for p in glob.glob(
+        os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
+    if not files:
+      raise DataError(f"--input={spec!r}: the glob matches no file. "
+                      "Check the pattern (quote it so the shell does not "
+                      "expand it).")
+    return Corpus(spec, files, direct=False, text_field=text_field)
+  if path.is_file():
+    return Corpus(spec, [path], direct=True, text_field=text_field)
+  if path.is_dir():
+    files = sorted(p for p in path.rglob("*")
+                   if p.is_file() and p.suffix.lower() in DIRECTORY_SUFFIXES)
+    if not files:
+      raise DataError(f"--input={spec!r}: the directory has no "
+                      f"{'/'.join(DIRECTORY_SUFFIXES)} file. Add text files "
+                      "or point --input at a glob such as 'dir/*.txt'.")
+    return Corpus(spec, files, direct=False, text_field=text_field)
+  raise DataError(f"--input={spec!r} does not exist. Give an existing file, "
+                  "directory or glob, or an empty --input for the default "
+                  "corpus.")
+
+
+def default_corpus() -> Corpus:
+  """The embedded corpus: the stdlib's .py sources plus pydoc topics.
+
+  Gathered at run time from this interpreter (no downloads); sorted, so the
+  same Python version always gives the same documents.
+  """
+  import pydoc_data.topics  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  files = sorted(
+      p for p in root.rglob("*.py")
+      if not _EXCLUDED_STDLIB_DIRS & set(p.relative_to(root).parts))
+  topics = pydoc_data.topics.topics
+  extra = [(f"pydoc:{k}", topics[k]) for k in sorted(topics)]
+  version = ".".join(map(str, sys.version_info[:3]))
+  return Corpus(f"{DEFAULT_NAME}:python-{version}-stdlib", files,
+                direct=False, extra=extra)
+
+
+def _read_file(path: pathlib.Path, text_field: str, direct: bool,
+               skipped: list[tuple[str, str]]) -> Iterator[str]:
+  """Documents of one file; _BadFile for an unreadable file."""
+  try:
+    data = path.read_bytes()
+  except OSError as e:
+    raise _BadFile(f"cannot be read ({e.strerror})") from None
+  nul = data.find(b"\0")
+  if nul >= 0:
+    raise _BadFile(f"is binary (NUL byte at offset {nul}); only UTF-8 text "
+                   "is supported")
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise _BadFile(f"is not valid UTF-8 (byte offset {e.start}); convert it "
+                   "with e.g. `iconv -t utf-8`") from None
+  if path.suffix.lower() not in JSONL_SUFFIXES:
+    yield text
+    return
+  for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines():
+    # JSON strings may hold raw U+2028 etc., which splitlines() breaks on.
+    if not line.strip():
+      continue
+    try:
+      doc = json.loads(line)[text_field]
+      if not isinstance(doc, str):
+        raise TypeError
+    except json.JSONDecodeError as e:
+      reason = f"line {lineno} is not valid JSON ({e.msg})"
+    except (KeyError, TypeError, IndexError):
+      reason = (f"line {lineno} has no string field {text_field!r}; set "
+                "--text_field to the field holding the text")
+    else:
+      yield doc
+      continue
+    if direct:
+      raise _BadFile(reason)
+    skipped.append((f"{path}:{lineno}", reason))

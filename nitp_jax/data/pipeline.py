@@ -1,0 +1,231 @@
+"""Grain input pipeline: prepared shards -> packed, batched training rows.
+
+Batch format (numpy, every array int32 [B, T]):
+  tokens       token ids; pad 0 where segment_ids == 0
+  segment_ids  1, 2, ... per document (piece) in the row; 0 = padding
+  positions    0, 1, ... restarting at every document
+
+Documents stay contiguous inside a row, so tokens[:, t+1] is the target of
+position t wherever segment_ids[:, t] == segment_ids[:, t+1] != 0. A document
+longer than T is cut into T-token pieces, each its own segment.
+
+Order (deterministic for a seed and a worker count): every epoch all training
+documents are shuffled globally with a seed derived from (seed, epoch); process
+p of P takes every P-th document of that order, so per epoch the processes
+partition the corpus. Documents are first-fit packed into B_local rows at a
+time and batched; epochs repeat forever.
+
+Checkpointing: the iterator is a `grain.DatasetIterator`; `get_state()` is a
+JSON-able dict and `set_state(state)` resumes exactly. With Orbax, put it in
+the same checkpoint as the model (file name per jax process):
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(train_state),
+      data=grain.checkpoint.CheckpointSave(iterator)))
+  mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=grain.checkpoint.CheckpointRestore(iterator)))  # sets its state
+Restore into an iterator built with the same arguments (prepared_dir,
+seq_len, global_batch, seed, process count and index, worker_count).
+grain.checkpoint.CheckpointSave/Restore exist only when orbax-checkpoint is
+installed (pinned in requirements.txt).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import grain
+import numpy as np
+from grain import experimental as grain_exp
+
+from nitp_jax.data.corpus import DataError
+from nitp_jax.data.prepare import load_manifest, shard_paths
+
+Batch = dict[str, np.ndarray]
+READ_THREADS = 2
+
+
+class _EpochShardMapDataset(grain.MapDataset):
+  """Process `index` of `count`: element index+k*count of each parent epoch.
+
+  The parent is an infinitely repeated (and per-epoch shuffled) dataset whose
+  epochs have `epoch_len` elements.
+  """
+
+  def __init__(self, parent: grain.MapDataset, epoch_len: int, index: int,
+               count: int, num_epochs: int | None):
+    super().__init__(parent)
+    self._epoch_len, self._index, self._count = epoch_len, index, count
+    self._local = len(range(index, epoch_len, count))
+    self._len = sys.maxsize if num_epochs is None else num_epochs * self._local
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __str__(self) -> str:
+    return f"EpochShardMapDataset({self._index}/{self._count})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, k = divmod(index, self._local)
+    first = epoch * self._epoch_len + self._index
+    return self._parent[first + k * self._count]
+
+
+class _SplitDocument(grain_exp.FlatMapTransform):
+  """A document -> pieces of at most seq_len tokens (iterator use only)."""
+
+  max_fan_out = sys.maxsize     # only FlatMapMapDataset reads it
+
+  def __init__(self, seq_len: int):
+    self.seq_len = seq_len
+
+  def flat_map(self, element: np.ndarray):
+    return [{"tokens": element[i:i + self.seq_len]}
+            for i in range(0, element.size, self.seq_len)]
+
+
+def _decode(record: bytes) -> np.ndarray:
+  return np.frombuffer(record, dtype="<i4").astype(np.int32)
+
+
+def _documents(prepared_dir: str, split: str) -> grain.MapDataset:
+  """The split's documents (int32 token arrays) in stored order."""
+  paths = shard_paths(prepared_dir, split)
+  if not paths or not load_manifest(prepared_dir)["documents"][split]:
+    raise DataError(f"{prepared_dir!r} has no {split} documents. Prepare it "
+                    "again with more documents" +
+                    (" or --config.data.val_fraction > 0."
+                     if split == "validation" else "."))
+  source = grain.sources.ArrayRecordDataSource(paths)
+  return grain.MapDataset.source(source).map(_decode)
+
+
+def _pack_and_batch(docs: grain.IterDataset, seq_len: int, batch: int
+                    ) -> grain.IterDataset:
+  """Split long documents, first-fit pack into rows, batch `batch` rows."""
+  pieces = grain_exp.FlatMapIterDataset(docs, _SplitDocument(seq_len))
+  rows = grain_exp.FirstFitPackIterDataset(
+      pieces, length_struct={"tokens": seq_len}, num_packing_bins=batch,
+      shuffle_bins=False)
+  return rows.batch(batch, drop_remainder=False).map(
+      lambda b: _to_batch(b, batch, seq_len))
+
+
+def _to_batch(packed: dict[str, np.ndarray], batch: int, seq_len: int
+              ) -> Batch:
+  """Rename grain's packed features; pad a short final batch with rows of 0."""
+  out = {"tokens": packed["tokens"],
+         "segment_ids": packed["tokens_segment_ids"],
+         "positions": packed["tokens_positions"]}
+  pad = batch - out["tokens"].shape[0]
+  return {k: np.pad(v.astype(np.int32), ((0, pad), (0, 0)))
+          for k, v in out.items()}
+
+
+def _check_positive(**values: int) -> None:
+  for name, v in values.items():
+    if not isinstance(v, (int, np.integer)) or v <= 0:
+      raise DataError(f"{name}={v!r} is invalid: must be a positive integer")
+
+
+def make_train_dataset(prepared_dir: str, seq_len: int, global_batch: int,
+                       seed: int, process_index: int | None = None,
+                       process_count: int | None = None, worker_count: int = 0,
+                       num_epochs: int | None = None) -> grain.IterDataset:
+  """The training IterDataset of this process: batches [global/P, seq_len].
+
+  Args:
+    prepared_dir: output of `prepare`.
+    seq_len, global_batch: T and the batch summed over all processes.
+    seed: shuffle seed (0 <= seed < 2**32).
+    process_index, process_count: this process's shard; None = jax's values.
+    worker_count: grain worker processes (0 = in this process). The order
+      of batches depends on it.
+    num_epochs: None repeats forever; a number ends the data (the last batch
+      is padded to full size), for tests and evaluation.
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index, process_count = jax.process_index(), jax.process_count()
+  _check_positive(seq_len=seq_len, global_batch=global_batch,
+                  process_count=process_count)
+  if global_batch % process_count:
+    raise DataError(f"global_batch={global_batch} is not divisible by the "
+                    f"{process_count} processes: set --config.train."
+                    "global_batch to a multiple of the process count.")
+  if not 0 <= process_index < process_count:
+    raise DataError(f"process_index={process_index} is not in "
+                    f"[0, process_count={process_count})")
+  if not 0 <= seed < 2**32:
+    raise DataError(f"seed={seed} is invalid: must be in [0, 2**32)")
+  if worker_count < 0:
+    raise DataError(f"worker_count={worker_count} is invalid: must be >= 0")
+  local = local_documents(prepared_dir, seed, process_index, process_count,
+                          num_epochs)
+  batched = _pack_and_batch(
+      local.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS)),
+      seq_len, global_batch // process_count)
+  if worker_count:
+    _ensure_flags_parsed()
+    batched = batched.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=worker_count))
+  return batched
+
+
+def _ensure_flags_parsed() -> None:
+  """Grain's worker processes read absl flags; outside app.run use defaults."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def local_documents(prepared_dir: str, seed: int, process_index: int,
+                    process_count: int, num_epochs: int | None = None
+                    ) -> grain.MapDataset:
+  """Training documents this process reads, in order, epoch after epoch.
+
+  Epoch e is a permutation of all documents seeded by (seed, e); this process
+  takes elements process_index, process_index + process_count, ... of it.
+  """
+  docs = _documents(prepared_dir, "train")
+  if len(docs) < process_count:
+    raise DataError(f"{prepared_dir!r} has {len(docs)} training documents, "
+                    f"fewer than the {process_count} processes; prepare a "
+                    "larger corpus.")
+  epochs = docs.shuffle(seed=seed).repeat()
+  return _EpochShardMapDataset(epochs, len(docs), process_index,
+                               process_count, num_epochs)
+
+
+def make_train_iterator(prepared_dir: str, seq_len: int, global_batch: int,
+                        seed: int, process_index: int | None = None,
+                        process_count: int | None = None,
+                        worker_count: int = 0,
+                        num_epochs: int | None = None) -> grain.DatasetIterator:
+  """`iter(make_train_dataset(...))`: checkpointable with get/set_state."""
+  return iter(make_train_dataset(prepared_dir, seq_len, global_batch, seed,
+                                 process_index, process_count, worker_count,
+                                 num_epochs))
+
+
+def make_eval_batches(prepared_dir: str, seq_len: int, batch: int,
+                      num_batches: int) -> list[Batch]:
+  """The first `num_batches` batches of the validation split, in stored order.
+
+  Identical on every call. Fewer batches come back when the split is smaller;
+  the last one is padded with rows of 0. These are global batches: with
+  several processes, each takes its block of rows.
+  """
+  _check_positive(seq_len=seq_len, batch=batch, num_batches=num_batches)
+  docs = _documents(prepared_dir, "validation")
+  batched = _pack_and_batch(
+      docs.to_iter_dataset(grain.ReadOptions(num_threads=0)), seq_len, batch)
+  out = []
+  for b in batched:
+    out.append(b)
+    if len(out) == num_batches:
+      break
+  return out
+

@@ -1,0 +1,298 @@
+"""Tokenize a corpus once into ArrayRecord shards plus a manifest.
+
+  python -m nitp_jax.data.prepare --input=PATH_OR_GLOB --output=DIR \\
+      [--vocab_size=8192] [--tokenizer=FILE.model] [--text_field=text]
+
+Output directory:
+  tokenizer.model                 the SentencePiece model (trained or copied)
+  train-NNNNN.array_record        one record per document: int32 ids + EOS
+  validation-NNNNN.array_record   held-out documents (split by document)
+  manifest.json                   written last; its presence = complete
+
+Re-running with the same inputs is a no-op; different inputs on a complete
+directory are a DataError (use another directory or delete this one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any, Iterator
+
+import numpy as np
+from array_record.python import array_record_module
+
+from nitp_jax.data import tokenizer as tok_lib
+from nitp_jax.data.corpus import Corpus, DataError, open_corpus
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.model"
+SPLITS = ("train", "validation")
+SHARD_TOKENS = 1 << 26          # 256 MB of int32 per shard
+CHUNK_CHARS = 4_000_000         # characters tokenized per batch call
+MAX_SKIPPED_LISTED = 100
+WRITER_OPTIONS = "group_size:1"  # fast random access for grain
+
+
+def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=redefined-builtin  # noqa: E501
+            tokenizer_path: str = "", text_field: str = "text",
+            val_fraction: float = 0.02, seed: int = 0, workers: int = 2,
+            max_tokenizer_chars: int = 20_000_000) -> dict[str, Any]:
+  """Prepare `output_dir` from the corpus `input`; return the manifest.
+
+  Args:
+    input: file, directory or glob ("" = the default corpus).
+    output_dir: where shards, tokenizer and manifest go.
+    vocab_size: the model's vocab size; a trained tokenizer gets exactly this
+      many pieces, a given one must have at most this many.
+    tokenizer_path: an existing SentencePiece model ("" = train one).
+    text_field: the jsonl field holding document text.
+    val_fraction: fraction of documents held out (at least one if > 0).
+    seed: selects the held-out documents and the tokenizer's training sample.
+    workers: threads that tokenize in parallel.
+    max_tokenizer_chars: size of the tokenizer's training sample.
+  """
+  if not 0 <= val_fraction < 1:
+    raise DataError(f"val_fraction={val_fraction} is invalid: must be in "
+                    "[0, 1)")
+  corpus = open_corpus(input, text_field)
+  inputs = _inputs(corpus, input, text_field, val_fraction, seed, vocab_size,
+                   tokenizer_path)
+  existing = _check_existing(output_dir, inputs)
+  if existing is not None:
+    tok_lib.check_fits(existing["tokenizer"]["vocab_size"], vocab_size)
+    return existing
+  start = time.time()
+  _clean(output_dir)
+  lengths = [len(doc) for doc in corpus]
+  model_path = os.path.join(output_dir, TOKENIZER)
+  if tokenizer_path:
+    tokenizer = tok_lib.load_tokenizer(tokenizer_path)
+    tok_lib.check_fits(tokenizer.vocab_size, vocab_size)
+    shutil.copyfile(tokenizer_path, model_path)
+  else:
+    sample = _tokenizer_sample(lengths, max_tokenizer_chars, seed)
+    docs = (d for i, d in enumerate(corpus) if i in sample)
+    tok_lib.train_tokenizer(docs, vocab_size, model_path[:-len(".model")],
+                            max_chars=max_tokenizer_chars,
+                            num_threads=max(1, workers))
+  tokenizer = tok_lib.load_tokenizer(model_path)
+  tok_lib.check_fits(tokenizer.vocab_size, vocab_size)
+  val = _validation_ids(len(lengths), val_fraction, seed)
+  counts = _write_shards(corpus, tokenizer, val, output_dir, max(1, workers))
+  manifest = {
+      "format_version": FORMAT_VERSION,
+      "inputs": inputs,
+      "source": corpus.name,
+      **counts,
+      "skipped_count": len(corpus.skipped),
+      "skipped": [{"path": p, "reason": r}
+                  for p, r in corpus.skipped[:MAX_SKIPPED_LISTED]],
+      "empty_documents": corpus.empty_documents,
+      "tokenizer": {
+          "file": TOKENIZER,
+          "sha256": tok_lib.sha256_file(model_path),
+          "vocab_size": tokenizer.vocab_size,
+          "pad_id": tokenizer.pad_id,
+          "eos_id": tokenizer.eos_id,
+          "bos_id": tokenizer.bos_id,
+          "trained": not tokenizer_path,
+      },
+      "seconds": round(time.time() - start, 3),
+  }
+  _write_json(os.path.join(output_dir, MANIFEST), manifest)
+  return manifest
+
+
+def ensure_prepared(data_cfg, vocab_size: int, out_dir: str) -> dict[str, Any]:
+  """Prepare `out_dir` from `cfg.data` unless it is already; the manifest.
+
+  Raises DataError if `out_dir` holds data prepared from different inputs or
+  its tokenizer does not fit `vocab_size`. With several processes on a shared
+  file system, call it on process 0 first, then on the others after a barrier.
+  """
+  return prepare(data_cfg.input, out_dir, vocab_size,
+                 tokenizer_path=data_cfg.tokenizer,
+                 text_field=data_cfg.text_field,
+                 val_fraction=data_cfg.val_fraction, seed=data_cfg.seed,
+                 workers=data_cfg.prepare_workers)
+
+
+def load_manifest(prepared_dir: str) -> dict[str, Any]:
+  """The manifest of a complete prepared directory; DataError otherwise."""
+  path = os.path.join(prepared_dir, MANIFEST)
+  if not os.path.isfile(path):
+    raise DataError(f"{prepared_dir!r} is not a prepared data directory (no "
+                    f"{MANIFEST}). Run `python -m nitp_jax.data.prepare "
+                    f"--output={prepared_dir}` first.")
+  with open(path) as f:
+    return json.load(f)
+
+
+def shard_paths(prepared_dir: str, split: str) -> list[str]:
+  """Absolute paths of a split's shards, from the manifest."""
+  manifest = load_manifest(prepared_dir)
+  return [os.path.join(prepared_dir, s) for s in manifest["shards"][split]]
+
+
+def _inputs(corpus: Corpus, spec: str, text_field: str, val_fraction: float,
+            seed: int, vocab_size: int, tokenizer_path: str) -> dict[str, Any]:
+  """What determines the output; a complete dir with equal inputs is reused."""
+  inputs = {"format_version": FORMAT_VERSION, "input": spec,
+            "corpus": corpus.name, "corpus_fingerprint": corpus.fingerprint(),
+            "text_field": text_field, "val_fraction": float(val_fraction),
+            "seed": int(seed)}
+  if tokenizer_path:
+    tok_lib.load_tokenizer(tokenizer_path)  # DataError if missing or bad
+    inputs["tokenizer_sha256"] = tok_lib.sha256_file(tokenizer_path)
+  else:
+    inputs["tokenizer_vocab_size"] = int(vocab_size)
+  return inputs
+
+
+def _check_existing(output_dir: str, inputs: dict[str, Any]
+                    ) -> dict[str, Any] | None:
+  """The existing manifest if it matches `inputs`; DataError if it differs."""
+  path = os.path.join(output_dir, MANIFEST)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    manifest = json.load(f)
+  old = manifest.get("inputs", {})
+  if old == inputs:
+    return manifest
+  diff = ", ".join(f"{k}: {old.get(k)!r} -> {inputs.get(k)!r}"
+                   for k in sorted(set(old) | set(inputs))
+                   if old.get(k) != inputs.get(k))
+  raise DataError(f"{output_dir!r} already holds data prepared from other "
+                  f"inputs ({diff}). Use another output directory "
+                  "(--config.data.prepared_dir=...) or delete this one.")
+
+
+def _clean(output_dir: str) -> None:
+  """Remove what an earlier, incomplete run may have left."""
+  os.makedirs(output_dir, exist_ok=True)
+  for name in os.listdir(output_dir):
+    if name.endswith(".array_record") or name.startswith("tokenizer."):
+      os.remove(os.path.join(output_dir, name))
+
+
+def _tokenizer_sample(lengths: list[int], max_chars: int, seed: int
+                      ) -> set[int]:
+  """Indices of random documents with about `max_chars` characters."""
+  order = np.random.default_rng(seed).permutation(len(lengths))
+  total = np.cumsum(np.asarray(lengths, dtype=np.int64)[order])
+  take = int(np.searchsorted(total, max_chars)) + 1
+  return set(order[:take].tolist())
+
+
+def _validation_ids(num_docs: int, val_fraction: float, seed: int) -> set[int]:
+  """Held-out document indices: at least one when val_fraction > 0."""
+  if val_fraction == 0:
+    return set()
+  num_val = max(1, round(num_docs * val_fraction))
+  if num_val >= num_docs:
+    raise DataError(f"the corpus has {num_docs} document(s): too few to hold "
+                    f"out val_fraction={val_fraction} and still train. Add "
+                    "documents or set --config.data.val_fraction=0.")
+  order = np.random.default_rng(seed + 1).permutation(num_docs)
+  return set(order[:num_val].tolist())
+
+
+def _chunks(corpus: Corpus) -> Iterator[list[str]]:
+  chunk, size = [], 0
+  for doc in corpus:
+    chunk.append(doc)
+    size += len(doc)
+    if size >= CHUNK_CHARS:
+      yield chunk
+      chunk, size = [], 0
+  if chunk:
+    yield chunk
+
+
+class _ShardWriter:
+  """Writes one split's records, starting a new shard every SHARD_TOKENS."""
+
+  def __init__(self, output_dir: str, split: str):
+    self.output_dir, self.split = output_dir, split
+    self.shards: list[str] = []
+    self.documents = self.tokens = 0
+    self._writer, self._shard_tokens = None, 0
+
+  def write(self, ids: np.ndarray) -> None:
+    if self._writer is None or self._shard_tokens >= SHARD_TOKENS:
+      self.close()
+      name = f"{self.split}-{len(self.shards):05d}.array_record"
+      self.shards.append(name)
+      self._writer = array_record_module.ArrayRecordWriter(
+          os.path.join(self.output_dir, name), WRITER_OPTIONS)
+      self._shard_tokens = 0
+    self._writer.write(ids.astype("<i4").tobytes())
+    self._shard_tokens += ids.size
+    self.documents += 1
+    self.tokens += ids.size
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+
+def _write_shards(corpus: Corpus, tokenizer: tok_lib.Tokenizer, val: set[int],
+                  output_dir: str, threads: int) -> dict[str, Any]:
+  """Tokenize every document into its split's shards; counts per split."""
+  writers = {s: _ShardWriter(output_dir, s) for s in SPLITS}
+  index = 0
+  for chunk in _chunks(corpus):
+    for ids in tok_lib.encode_documents(tokenizer, chunk, threads):
+      writers["validation" if index in val else "train"].write(ids)
+      index += 1
+  for w in writers.values():
+    w.close()
+  return {"documents": {s: w.documents for s, w in writers.items()},
+          "tokens": {s: w.tokens for s, w in writers.items()},
+          "shards": {s: w.shards for s, w in writers.items()}}
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def main(argv) -> None:
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  start = time.time()
+  manifest = prepare(f.input, f.output, f.vocab_size, f.tokenizer,
+                     f.text_field, f.val_fraction, f.seed, f.workers)
+  summary = {k: manifest[k] for k in ("source", "documents", "tokens",
+                                       "skipped_count", "empty_documents")}
+  summary["tokenizer_vocab_size"] = manifest["tokenizer"]["vocab_size"]
+  summary["seconds"] = round(time.time() - start, 3)
+  print(json.dumps(summary))
+
+
+def _define_flags() -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("input", "", "File, directory or glob; '' = default "
+                      "corpus (Python stdlib sources + pydoc topics).")
+  flags.DEFINE_string("output", None, "Output directory.", required=True)
+  flags.DEFINE_integer("vocab_size", 8192, "Tokenizer size = model vocab.")
+  flags.DEFINE_string("tokenizer", "", "Existing SentencePiece .model.")
+  flags.DEFINE_string("text_field", "text", "jsonl field with the text.")
+  flags.DEFINE_float("val_fraction", 0.02, "Held-out document fraction.")
+  flags.DEFINE_integer("seed", 0, "Split and tokenizer-sample seed.")
+  flags.DEFINE_integer("workers", 2, "Tokenizer threads.")
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,165 @@
+"""SentencePiece tokenizer: lossless training, loading, vocab checks.
+
+The settings make `decode(encode(text)) == text` for any Unicode text:
+identity normalisation, whitespace kept as is, byte fallback for unseen
+characters, and "\\n" / "\\t" as single pieces. Ids: 0 pad, 1 unk, 2 bos, 3 eos.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from nitp_jax.data.corpus import DataError
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MODEL_TYPES = ("bpe", "unigram")
+MAX_LINE_BYTES = 16384          # longer training lines are ignored by SP
+
+
+class Tokenizer:
+  """A loaded SentencePiece model with the few calls the project needs."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._sp = spm.SentencePieceProcessor(model_file=path)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.vocab_size()
+
+  @property
+  def pad_id(self) -> int:
+    return self._sp.pad_id()
+
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
+
+  @property
+  def bos_id(self) -> int:
+    return self._sp.bos_id()
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def encode_batch(self, texts: Sequence[str], num_threads: int = 1
+                   ) -> list[list[int]]:
+    return self._sp.encode(list(texts), num_threads=num_threads)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+  """Load a .model file; DataError if missing or not a SentencePiece model."""
+  if not os.path.isfile(path):
+    raise DataError(f"tokenizer {path!r} does not exist. Pass an existing "
+                    "SentencePiece .model file, or none to train one.")
+  try:
+    return Tokenizer(path)
+  except (RuntimeError, OSError) as e:
+    raise DataError(f"tokenizer {path!r} is not a SentencePiece model "
+                    f"({e}).") from None
+
+
+def check_fits(tokenizer_vocab: int, model_vocab: int) -> None:
+  """DataError unless every token id is a valid model embedding row."""
+  if tokenizer_vocab > model_vocab:
+    raise DataError(
+        f"the tokenizer has {tokenizer_vocab} tokens but the model's "
+        f"vocab_size is {model_vocab}: token ids would index past the "
+        f"embedding. Set --config.model.vocab_size={tokenizer_vocab} (or "
+        "larger), or use a tokenizer with at most "
+        f"{model_vocab} tokens.")
+
+
+def sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def train_tokenizer(text_iter_or_files: Iterable[str | os.PathLike],
+                    vocab_size: int, model_prefix: str, *,
+                    model_type: str = "bpe", max_chars: int = 20_000_000,
+                    num_threads: int = 2, split_digits: bool = True) -> str:
+  """Train a lossless SentencePiece model; return the .model path.
+
+  Args:
+    text_iter_or_files: documents (str) or files (os.PathLike, read as
+      UTF-8); consumed in order until `max_chars` characters, so training
+      time is bounded and the sample deterministic.
+    vocab_size: exact number of pieces (DataError if the text cannot give it).
+    model_prefix: writes `<prefix>.model` and `<prefix>.vocab`.
+    model_type: "bpe" or "unigram".
+  """
+  if model_type not in MODEL_TYPES:
+    raise DataError(f"model_type={model_type!r} is invalid: use one of "
+                    f"{', '.join(MODEL_TYPES)}")
+  lines = list(_sample_lines(text_iter_or_files, max_chars))
+  if not lines:
+    raise DataError("cannot train a tokenizer on empty text; give a corpus "
+                    "with non-blank documents.")
+  os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=model_prefix,
+        vocab_size=vocab_size, model_type=model_type,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=False, allow_whitespace_only_pieces=True,
+        byte_fallback=True, user_defined_symbols=["\n", "\t"],
+        split_digits=split_digits, character_coverage=0.9995,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        input_sentence_size=0, max_sentence_length=MAX_LINE_BYTES,
+        num_threads=num_threads, minloglevel=2)
+  except RuntimeError as e:
+    raise DataError(_training_error(str(e), vocab_size)) from None
+  return model_prefix + ".model"
+
+
+def _sample_lines(items: Iterable[str | os.PathLike], max_chars: int
+                  ) -> Iterator[str]:
+  """Non-empty lines of the documents, in order, up to `max_chars` chars."""
+  total = 0
+  for item in items:
+    text = (open(item, encoding="utf-8").read()
+            if isinstance(item, os.PathLike) else item)
+    for line in text.split("\n"):
+      if line:
+        yield line
+        total += len(line)
+        if total >= max_chars:
+          return
+
+
+def _training_error(message: str, vocab_size: int) -> str:
+  """A DataError message for SentencePiece's training failures."""
+  high = re.search(r"value <= (\d+)", message)
+  if "too high" in message and high:
+    return (f"the corpus is too small for a tokenizer of vocab_size="
+            f"{vocab_size}: SentencePiece can make at most {high.group(1)} "
+            f"pieces from it. Use --vocab_size={high.group(1)} (and "
+            f"--config.model.vocab_size={high.group(1)} or more), or a "
+            "larger corpus.")
+  small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+  if small:
+    return (f"vocab_size={vocab_size} is too small: byte fallback, special "
+            f"tokens and the corpus's characters need {small.group(2)} "
+            f"pieces. Use --vocab_size={small.group(2)} or more.")
+  return f"SentencePiece training failed for vocab_size={vocab_size}: {message}"
+
+
+def encode_documents(tokenizer: Tokenizer, texts: Sequence[str],
+                     num_threads: int = 1) -> list[np.ndarray]:
+  """Token ids of each text with EOS appended, as int32 arrays."""
+  eos = tokenizer.eos_id
+  return [np.asarray(ids + [eos], dtype=np.int32)
+          for ids in tokenizer.encode_batch(texts, num_threads)]
