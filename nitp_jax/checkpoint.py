@@ -1,0 +1,122 @@
+"""Orbax checkpoints of a run: train state, data-iterator state and config,
+under `<workdir>/checkpoints/<step>/`. Saves are asynchronous; restores
+reshard into whatever shardings the caller's abstract state carries."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+# Fields that decide parameter shapes or the data order: a checkpoint only
+# resumes under a config that agrees on all of them.
+RESUME_FIELDS = ("model", "nitp.target_layer", "nitp.projector", "nitp.projector_mult",
+                 "nitp.variant", "data.input", "data.seed", "data.val_fraction",
+                 "data.text_field", "train.seq_len", "train.global_batch", "train.seed")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+  """Keeps the last `keep` checkpoints of one run."""
+
+  def __init__(self, workdir: str, keep: int, async_save: bool = True):
+    self.directory = checkpoint_dir(workdir)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                             enable_async_checkpointing=async_save))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator,
+           cfg: ml_collections.ConfigDict) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(json.loads(cfg.to_json()))), force=True)
+
+  def restore(self, step: int, abstract_state: Any,
+              data_iterator: grain.DatasetIterator) -> Any:
+    """The train state at `step`; also sets the iterator to where it was."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return restored["state"]
+
+  def saved_config(self, step: int) -> ml_collections.ConfigDict:
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))
+    return ml_collections.ConfigDict(restored["config"])
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def _lookup(cfg: ml_collections.ConfigDict, dotted: str):
+  node = cfg
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+  if isinstance(value, (dict, ml_collections.ConfigDict)):
+    out = {}
+    for k in value.keys():
+      out |= _flatten(value[k], f"{prefix}.{k}")
+    return out
+  return {prefix: value}
+
+
+def config_mismatches(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict
+                      ) -> list[str]:
+  """'field: saved -> current' for every resume-relevant field that differs."""
+  diffs = []
+  for field in RESUME_FIELDS:
+    a, b = _flatten(_lookup(saved, field), field), _flatten(_lookup(current, field), field)
+    for key in sorted(set(a) | set(b)):
+      if a.get(key) != b.get(key):
+        diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+  return diffs
+
+
+def check_resumable(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict,
+                    directory: str) -> None:
+  diffs = config_mismatches(saved, current)
+  if diffs:
+    raise CheckpointError(
+        f"the checkpoint in {directory} was written under another config "
+        f"({'; '.join(diffs)}). Resume with the same values, or use a new --workdir.")
+
+
+def restore_params(workdir: str, step: int | None = None
+                   ) -> tuple[ml_collections.ConfigDict, dict]:
+  """(config, params) of a run's checkpoint (latest when step is None), as
+  host arrays; for evaluation and export."""
+  ckpt = Checkpointer(workdir, keep=1_000_000, async_save=False)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise CheckpointError(f"no checkpoint under {ckpt.directory}: train first, or pass the "
+                          "--workdir of a run")
+  cfg = ckpt.saved_config(step)
+  restored = ckpt._manager.restore(step, args=ocp.args.Composite(  # pylint: disable=protected-access
+      state=ocp.args.StandardRestore()))
+  ckpt.close()
+  params = jax.tree.map(lambda a: a, restored["state"]["params"])
+  return cfg, params

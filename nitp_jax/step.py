@@ -1,0 +1,84 @@
+"""Pure step functions: state init, the train step (with gradient
+accumulation) and the eval step. Jitting and sharding happen in train.py."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from nitp_jax import model as model_lib
+from nitp_jax import objectives
+from nitp_jax import optim
+from nitp_jax import sharding
+
+State = dict[str, Any]  # {"step": int32[], "params": ..., "opt_state": ...}
+
+
+def init_state(cfg: ml_collections.ConfigDict, optimizer: optax.GradientTransformation,
+               rng: jax.Array) -> State:
+  params = model_lib.init_params(cfg, rng)
+  return {"step": jnp.zeros((), jnp.int32), "params": params,
+          "opt_state": optimizer.init(params)}
+
+
+def state_shardings(cfg: ml_collections.ConfigDict, optimizer: optax.GradientTransformation,
+                    mesh: Mesh) -> tuple[State, State]:
+  """(abstract state, NamedSharding tree) without allocating anything."""
+  abstract = jax.eval_shape(lambda: init_state(cfg, optimizer, jax.random.key(0)))
+  _, logical = model_lib.abstract_params(cfg)
+  param_sh = sharding.logical_shardings(logical, mesh)
+  return abstract, sharding.state_shardings(optimizer, abstract["opt_state"], param_sh, mesh)
+
+
+def _split_microbatches(batch: dict, n: int) -> dict:
+  """[B, T] -> [n, B/n, T]; microbatch m takes rows m, m+n, ... so each
+  device's rows stay on that device."""
+  return {k: v.reshape(v.shape[0] // n, n, *v.shape[1:]).swapaxes(0, 1)
+          for k, v in batch.items()}
+
+
+def make_train_step(cfg: ml_collections.ConfigDict, optimizer: optax.GradientTransformation
+                    ) -> Callable[[State, dict], tuple[State, dict]]:
+  loss_fn = objectives.make_loss_fn(cfg)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  schedule = optim.wsd_schedule(cfg.train)
+  n_micro = cfg.train.microbatches
+
+  def train_step(state: State, batch: dict) -> tuple[State, dict]:
+    params, step = state["params"], state["step"]
+    if n_micro == 1:
+      (_, metrics), grads = grad_fn(params, batch, step)
+    else:
+      def accumulate(carry, micro):
+        (_, m), g = grad_fn(params, micro, step)
+        return jax.tree.map(jnp.add, carry, (g, m)), None
+      micro = _split_microbatches(batch, n_micro)
+      (_, m0), g0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), step)
+      init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g0, m0))
+      (grads, metrics), _ = jax.lax.scan(accumulate, init, micro)
+      grads, metrics = jax.tree.map(lambda x: x / n_micro, (grads, metrics))
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    new_state = {"step": step + 1, "params": optax.apply_updates(params, updates),
+                 "opt_state": opt_state}
+    metrics |= {"grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(cfg: ml_collections.ConfigDict) -> Callable[[dict, dict], dict]:
+  """Per-batch sums weighted by valid tokens, so batches combine exactly."""
+  loss_fn = objectives.make_loss_fn(cfg)
+
+  def eval_step(params: dict, batch: dict) -> dict:
+    _, metrics = loss_fn(params, batch, jnp.int32(2**30))
+    tokens = jnp.sum(objectives.valid_pairs(batch["segment_ids"]))
+    return {"tokens": tokens, **{k: metrics[k] * tokens for k in ("ntp", "nitp", "nitp_cos")
+                                 if k in metrics}}
+
+  return eval_step

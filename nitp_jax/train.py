@@ -1,0 +1,202 @@
+"""Train a model with NTP + NITP.
+
+  python -m nitp_jax.train --config=configs/tiny.py --workdir=runs/tiny
+  python -m nitp_jax.train --config=configs/moe_9b.py --config.train.steps=100
+
+Rerunning the same command resumes from the latest checkpoint in --workdir.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from nitp_jax import checkpoint as ckpt_lib
+from nitp_jax import config as config_lib
+from nitp_jax import optim
+from nitp_jax import sharding
+from nitp_jax import step as step_lib
+from nitp_jax.data import pipeline, prepare
+from nitp_jax.data.corpus import DataError
+from nitp_jax.metrics_log import MetricsLog, Throughput, console_line
+
+USER_ERRORS = (config_lib.ConfigError, DataError, ckpt_lib.CheckpointError)
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN or infinite loss or gradient."""
+
+
+def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+  """Tokenized shards for cfg.data (built once, reused on resume)."""
+  data_dir = cfg.data.prepared_dir or os.path.join(workdir, "data")
+  prepare.ensure_prepared(cfg.data, cfg.model.vocab_size, data_dir)
+  return data_dir
+
+
+def evaluate(eval_step, params, eval_batches: list[dict], mesh) -> dict[str, float]:
+  """Token-weighted held-out loss, perplexity and NITP alignment."""
+  sums: dict[str, float] = {}
+  for batch in eval_batches:
+    out = jax.device_get(eval_step(params, sharding.global_batch(batch, mesh)))
+    for k, v in out.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  tokens = max(sums.pop("tokens", 0.0), 1.0)
+  result = {k: v / tokens for k, v in sums.items()}
+  result["ppl"] = math.exp(min(result["ntp"], 50.0))
+  result["tokens"] = tokens
+  return result
+
+
+class Trainer:
+  """Builds everything a run needs from its config and drives the loop."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
+    self.cfg = config_lib.validate(cfg)
+    self.workdir = os.path.abspath(workdir)
+    os.makedirs(self.workdir, exist_ok=True)
+    t = cfg.train
+    self.is_main = jax.process_index() == 0
+    self.log = MetricsLog(self.workdir, enabled=self.is_main)
+    self.mesh = sharding.make_mesh(cfg.mesh)
+    self.data_dir = prepare_data(cfg, self.workdir)
+    self.train_iter = pipeline.make_train_iterator(
+        self.data_dir, t.seq_len, t.global_batch, seed=cfg.data.seed,
+        worker_count=cfg.data.worker_count)
+    self.eval_batches = pipeline.make_eval_batches(
+        self.data_dir, t.seq_len, t.global_batch // jax.process_count(), t.eval_batches)
+    self.optimizer = optim.make_optimizer(t)
+    abstract, self.shardings = step_lib.state_shardings(cfg, self.optimizer, self.mesh)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.shardings)
+    self.checkpointer = ckpt_lib.Checkpointer(self.workdir, t.keep_checkpoints)
+    batch_sh = sharding.batch_sharding(self.mesh)
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    self.train_step = jax.jit(step_lib.make_train_step(cfg, self.optimizer),
+                              in_shardings=(self.shardings, batch_sh),
+                              out_shardings=(self.shardings, replicated), donate_argnums=0)
+    self.eval_step = jax.jit(step_lib.make_eval_step(cfg),
+                             in_shardings=(self.shardings["params"], batch_sh),
+                             out_shardings=replicated)
+
+  def initial_state(self) -> step_lib.State:
+    latest = self.checkpointer.latest_step()
+    if latest is None:
+      init = jax.jit(lambda rng: step_lib.init_state(self.cfg, self.optimizer, rng),
+                     out_shardings=self.shardings)
+      return init(jax.random.key(self.cfg.train.seed))
+    ckpt_lib.check_resumable(self.checkpointer.saved_config(latest), self.cfg,
+                             self.checkpointer.directory)
+    self.log.info(f"resuming from step {latest} in {self.checkpointer.directory}")
+    return self.checkpointer.restore(latest, self.abstract_state, self.train_iter)
+
+  def save(self, state: step_lib.State, step: int) -> None:
+    self.checkpointer.save(step, state, self.train_iter, self.cfg)
+
+  def _report(self, step: int, metrics: dict, throughput: Throughput) -> None:
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+      raise NonFiniteLossError(
+          f"step {step}: loss={metrics['loss']} grad_norm={metrics['grad_norm']} is not finite. "
+          f"Nothing was saved from this step; the last good checkpoint is in "
+          f"{self.checkpointer.directory}. Lower --config.train.lr or raise "
+          "--config.train.warmup_steps, then rerun to resume.")
+    t = self.cfg.train
+    if step % t.log_every == 0 or step == t.steps:
+      metrics |= throughput.update(step)
+      self.log.info(console_line(step, t.steps, metrics))
+      self.log.write(step, metrics)
+
+  def _eval(self, state: step_lib.State, step: int) -> dict[str, float]:
+    if not self.eval_batches:
+      return {}
+    result = evaluate(self.eval_step, state["params"], self.eval_batches, self.mesh)
+    self.log.info(f"eval step {step} | loss {result['ntp']:.4f} | ppl {result['ppl']:.2f}"
+                  + (f" | nitp {result['nitp']:.4f}" if "nitp" in result else ""))
+    self.log.write(step, result, kind="eval")
+    return result
+
+  def run(self, stop_after: int | None = None) -> dict:
+    """Train to cfg.train.steps (or `stop_after`, checkpointing there).
+    Returns the final step and the last train and eval metrics."""
+    t = self.cfg.train
+    state = self.initial_state()
+    start = int(jax.device_get(state["step"]))
+    end = min(t.steps, stop_after) if stop_after else t.steps
+    throughput = Throughput(t.global_batch * t.seq_len, t.steps)
+    self.log.info(f"training steps {start}..{end} of {t.steps} on {jax.device_count()} "
+                  f"device(s), mesh {dict(self.mesh.shape)}; results in {self.workdir}")
+    pending, last_eval, step = None, {}, start
+    for step in range(start + 1, end + 1):
+      batch = sharding.global_batch(next(self.train_iter), self.mesh)
+      state, metrics = self.train_step(state, batch)
+      if pending is not None:
+        self._report(*pending, throughput)
+      pending = (step, metrics)
+      if step % t.checkpoint_every == 0 or step == end:
+        self._report(*pending, throughput)
+        pending = None
+        self.save(state, step)
+      if step % t.eval_every == 0 or step == t.steps:
+        last_eval = self._eval(state, step)
+    if pending is not None:
+      self._report(*pending, throughput)
+    self.checkpointer.wait()
+    return {"step": step, "eval": last_eval}
+
+  def close(self) -> None:
+    self.checkpointer.wait()
+    self.checkpointer.close()
+    self.log.close()
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None) -> dict:
+  trainer = Trainer(cfg, workdir)
+  try:
+    return trainer.run(stop_after)
+  finally:
+    trainer.close()
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py "
+                                          "(or configs/tiny.py:moe).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory for checkpoints, metrics and "
+                               "prepared data. Default: runs/<config name>.")
+
+
+def default_workdir(config_path: str) -> str:
+  name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+  variant = config_path.partition(":")[2]
+  return os.path.join("runs", name + (f"_{variant}" if variant else ""))
+
+
+def main(argv) -> None:
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
+  workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+  try:
+    result = run(_CONFIG.value, workdir)
+  except USER_ERRORS + (NonFiniteLossError,) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if jax.process_index() == 0:
+    ev = result["eval"]
+    summary = f"; held-out loss {ev['ntp']:.4f} (ppl {ev['ppl']:.2f})" if ev else ""
+    print(f"done: step {result['step']}{summary}. Metrics: {workdir}/metrics.jsonl, "
+          f"TensorBoard: {workdir}/tensorboard, checkpoints: {workdir}/checkpoints")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,140 @@
+"""End-to-end training on one host: loss goes down, resumption is exact,
+logs are readable, accumulation and the schedule do what they say."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nitp_jax import checkpoint as ckpt_lib
+from nitp_jax import optim
+from nitp_jax import step as step_lib
+from nitp_jax import tensorboard
+from nitp_jax import train
+from tests.conftest import train_config
+from tests.helpers import max_abs_diff
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_metrics(workdir, kind="train"):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_training_lowers_the_loss(prepared_dir, tmp_path, moe):
+  cfg = train_config(prepared_dir, moe=moe, steps=40)
+  result = train.run(cfg, str(tmp_path))
+  losses = [r["ntp"] for r in read_metrics(str(tmp_path))]
+  assert len(losses) == 40
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0, losses
+  assert result["eval"]["ntp"] < losses[0] and result["eval"]["tokens"] > 0
+  nitp = [r["nitp"] for r in read_metrics(str(tmp_path))]
+  assert all(np.isfinite(nitp)) and min(nitp) < 0.5
+
+
+def test_resume_continues_exactly(prepared_dir, tmp_path):
+  cfg = train_config(prepared_dir, steps=16, checkpoint_every=8, eval_every=100)
+  whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+  train.run(cfg, whole)
+  train.run(cfg, parts, stop_after=8)
+  assert [r["step"] for r in read_metrics(parts)] == list(range(1, 9))
+  train.run(cfg, parts)  # the same command again resumes from step 8
+  a, b = read_metrics(whole), read_metrics(parts)
+  assert [r["step"] for r in b] == list(range(1, 17))
+  for key in ("loss", "ntp", "nitp", "grad_norm"):
+    assert [r[key] for r in a] == [r[key] for r in b], key
+  _, pa = ckpt_lib.restore_params(whole)
+  _, pb = ckpt_lib.restore_params(parts)
+  assert max_abs_diff(pa, pb) == 0.0
+
+
+def test_resume_refuses_a_different_model(prepared_dir, tmp_path):
+  train.run(train_config(prepared_dir, steps=2, eval_every=100), str(tmp_path))
+  other = train_config(prepared_dir, steps=4)
+  other.model.d_model = 96
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"model.d_model: 64 -> 96"):
+    train.run(other, str(tmp_path))
+
+
+def _read_events(path):
+  """Parse an event file, checking both CRCs of every record."""
+  events = []
+  with open(path, "rb") as f:
+    data = f.read()
+  i = 0
+  while i < len(data):
+    header = data[i:i + 8]
+    (length,) = struct.unpack("<Q", header)
+    assert struct.unpack("<I", data[i + 8:i + 12])[0] == tensorboard.masked_crc(header)
+    payload = data[i + 12:i + 12 + length]
+    assert struct.unpack("<I", data[i + 12 + length:i + 16 + length])[0] == \
+        tensorboard.masked_crc(payload)
+    events.append(payload)
+    i += 16 + length
+  return events
+
+
+def test_tensorboard_events_are_valid(tmp_path):
+  assert tensorboard.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+  w = tensorboard.SummaryWriter(str(tmp_path))
+  w.scalars(7, {"train/loss": 1.5})
+  w.close()
+  events = _read_events(w.path)
+  assert len(events) == 2 and b"brain.Event:2" in events[0]
+  assert b"train/loss" in events[1] and struct.pack("<f", 1.5) in events[1]
+  assert b"\x10\x07" in events[1]  # field 2 (step) = 7
+
+
+def test_wsd_schedule_shape():
+  cfg = train_config("", steps=100)
+  cfg.train.warmup_steps, cfg.train.decay_fraction, cfg.train.lr = 10, 0.2, 1.0
+  lr = optim.wsd_schedule(cfg.train)
+  assert float(lr(0)) == pytest.approx(0.1) and float(lr(9)) == pytest.approx(1.0)
+  assert float(lr(50)) == 1.0 and float(lr(80)) == 1.0
+  assert float(lr(90)) == pytest.approx(0.5) and float(lr(100)) == pytest.approx(0.0)
+  cfg.train.schedule, cfg.train.final_lr_ratio = "wsd_exp", 0.01
+  lr = optim.wsd_schedule(cfg.train)
+  assert float(lr(90)) == pytest.approx(0.1) and float(lr(100)) == pytest.approx(0.01)
+
+
+def test_weight_decay_skips_norms_and_biases():
+  params = {"layers_0_2": {"attn_norm": {"scale": jnp.ones((2, 4))},
+                           "attn": {"q": jnp.ones((2, 4, 2, 2)), "q_bias": jnp.ones((2, 2, 2))}},
+            "embed": jnp.ones((8, 4))}
+  mask = optim.decay_mask(params)
+  assert mask["embed"] and mask["layers_0_2"]["attn"]["q"]
+  assert not mask["layers_0_2"]["attn_norm"]["scale"] and not mask["layers_0_2"]["attn"]["q_bias"]
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+  cfg = train_config("", steps=10)
+  cfg.train.global_batch = 4
+  opt = optim.make_optimizer(cfg.train)
+  state = step_lib.init_state(cfg, opt, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = {"tokens": jnp.asarray(rng.integers(1, 512, (4, 64)), jnp.int32),
+           "segment_ids": jnp.ones((4, 64), jnp.int32),
+           "positions": jnp.tile(jnp.arange(64, dtype=jnp.int32), (4, 1))}
+  one, m1 = jax.jit(step_lib.make_train_step(cfg, opt))(state, batch)
+  cfg.train.microbatches = 2
+  two, m2 = jax.jit(step_lib.make_train_step(cfg, opt))(state, batch)
+  assert abs(float(m1["loss"]) - float(m2["loss"])) < 1e-5
+  assert max_abs_diff(one["params"], two["params"]) < 1e-5
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "nitp_jax.train", "--config=configs/tiny.py",
+       f"--workdir={tmp_path}", "--config.data.input=/no/such/corpus"],
+      capture_output=True, text=True, cwd=ROOT)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert "/no/such/corpus" in out.stderr and "Traceback" not in out.stderr
