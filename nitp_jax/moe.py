@@ -5,7 +5,9 @@ where they overlap:
   capacity  einsum dispatch/combine per sequence with a capacity factor
             (tokens over capacity are dropped and counted); CPU default,
             GSPMD shards the expert axis.
-  ragged    dropless: token copies sorted by expert, `jax.lax.ragged_dot`.
+  ragged    dropless: token copies sorted by expert, `jax.lax.ragged_dot`;
+            with experts sharded over the mesh's "expert" axis it runs under
+            shard_map (all-gather tokens, local experts, reduce-scatter).
   dense     every expert on every token, masked; the reference.
 """
 
@@ -17,6 +19,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from nitp_jax.layers import SwiGLU, param
 
@@ -90,9 +93,13 @@ def dispatch_capacity(x_GxSxD, r: Routing, w, num_experts: int, factor: float):
   dispatch_GxSxExC = jnp.einsum("gkse,gksc->gsec", keep_GxKxSxE, slot_GxKxSxC)
   combine_GxSxExC = jnp.einsum("gkse,gksc,gks->gsec", keep_GxKxSxE, slot_GxKxSxC,
                                weights_GxKxS.astype(x_GxSxD.dtype))
-  x_ExGCxD = jnp.einsum("gsec,gsd->egcd", dispatch_GxSxExC, x_GxSxD).reshape(num_experts, g * c, -1)
-  x_ExGCxD = nn.with_logical_constraint(x_ExGCxD, ("expert", None, "embed"))
-  y_ExGxCxD = _expert_ffn(x_ExGCxD, *w).reshape(num_experts, g, c, -1)
+  # Experts over the "expert" axis, token groups over the other batch axes:
+  # GSPMD turns the change from batch- to expert-sharding into all-to-alls.
+  x_ExGxCxD = jnp.einsum("gsec,gsd->egcd", dispatch_GxSxExC, x_GxSxD)
+  x_ExGxCxD = nn.with_logical_constraint(x_ExGxCxD, ("expert", "expert_batch", None, None))
+  y_ExGxCxD = _expert_ffn(x_ExGxCxD.reshape(num_experts, g * c, -1), *w).reshape(
+      num_experts, g, c, -1)
+  y_ExGxCxD = nn.with_logical_constraint(y_ExGxCxD, ("expert", "expert_batch", None, None))
   y_GxSxD = jnp.einsum("gsec,egcd->gsd", combine_GxSxExC, y_ExGxCxD)
   dropped = (g * s * k - jnp.sum(keep_GxKSxE, dtype=jnp.int32)) / (g * s * k)
   return y_GxSxD, dropped
@@ -112,6 +119,51 @@ def dispatch_ragged(x_NxD, r: Routing, w, num_experts: int):
   y_MxD = jax.lax.ragged_dot(nn.silu(g_MxF) * u_MxF, down, group_sizes_E)
   y_NxKxD = jnp.zeros_like(y_MxD).at[order_M].set(y_MxD).reshape(n, k, d)
   y_NxD = jnp.einsum("nkd,nk->nd", y_NxKxD, r.weights_NxK.astype(y_NxKxD.dtype))
+  return y_NxD, jnp.float32(0.0)
+
+
+def expert_shards() -> int:
+  """Size of the "expert" axis of the mesh being traced under (1 if none)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else dict(mesh.shape).get("expert", 1)
+
+
+def dispatch_ragged_sharded(x_NxD, r: Routing, w, num_experts: int):
+  """`dispatch_ragged` with the experts split over the mesh axis "expert"
+  (and their hidden dim over "tensor"), all-gather based, under shard_map.
+
+  Each expert shard gathers the token copies of its expert-axis peers, runs
+  its own experts on the copies routed to them (the rest sort last and stay
+  out of every group), and a reduce-scatter sums the outputs back to the
+  shards that own the tokens.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  tokens = P(("data", "fsdp", "expert"), None)
+  in_specs = (tokens, tokens, tokens, P("expert", None, "tensor"),
+              P("expert", None, "tensor"), P("expert", "tensor", None))
+
+  def local(x_nxD, experts_nxK, weights_nxK, gate_XxDxF, up_XxDxF, down_XxFxD):
+    num_local = gate_XxDxF.shape[0]
+    x_MxD, experts_MxK, weights_MxK = (
+        jax.lax.all_gather(a, "expert", tiled=True) for a in (x_nxD, experts_nxK, weights_nxK))
+    m, k = experts_MxK.shape
+    local_MxK = experts_MxK - jax.lax.axis_index("expert") * num_local
+    mine_MxK = (local_MxK >= 0) & (local_MxK < num_local)
+    flat_C = jnp.where(mine_MxK, local_MxK, num_local).reshape(-1)  # C = M*K copies
+    order_C = jnp.argsort(flat_C, stable=True)
+    group_sizes_X = jnp.bincount(flat_C, length=num_local + 1)[:num_local].astype(jnp.int32)
+    xs_CxD = x_MxD[order_C // k]
+    g_CxF = jax.lax.ragged_dot(xs_CxD, gate_XxDxF, group_sizes_X)
+    u_CxF = jax.lax.ragged_dot(xs_CxD, up_XxDxF, group_sizes_X)
+    ys_CxD = jax.lax.ragged_dot(nn.silu(g_CxF) * u_CxF, down_XxFxD, group_sizes_X)
+    y_MxKxD = jnp.zeros_like(ys_CxD).at[order_C].set(ys_CxD).reshape(m, k, -1)
+    y_MxKxD = jnp.where(mine_MxK[..., None], y_MxKxD, 0)  # rows past the groups: not ours
+    y_MxD = jnp.einsum("mkd,mk->md", y_MxKxD, weights_MxK.astype(y_MxKxD.dtype))
+    y_MxD = jax.lax.psum(y_MxD, "tensor")
+    return jax.lax.psum_scatter(y_MxD, "expert", scatter_dimension=0, tiled=True)
+
+  y_NxD = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=tokens)(
+      x_NxD, r.experts_NxK, r.weights_NxK, *w)
   return y_NxD, jnp.float32(0.0)
 
 
@@ -145,6 +197,8 @@ class MoE(nn.Module):
     r = route(logits_NxE, self.top_k, self.renormalize, self.routed_scaling)
     if self.dispatch == "capacity":
       y, dropped = dispatch_capacity(x, r, w, e, self.capacity_factor)
+    elif self.dispatch == "ragged" and expert_shards() > 1:
+      y, dropped = dispatch_ragged_sharded(x_NxD, r, w, e)
     elif self.dispatch == "ragged":
       y, dropped = dispatch_ragged(x_NxD, r, w, e)
     elif self.dispatch == "dense":

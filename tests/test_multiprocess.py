@@ -1,0 +1,151 @@
+"""Multi-host in miniature: two OS processes × 2 CPU devices, started by
+launch/local.sh and joined through jax.distributed on localhost, train the
+small config and log the same losses as one process with 4 devices fed the
+same global batches.
+
+The two-process run uses a hybrid mesh (fsdp across the processes as a DCN
+factor, tensor inside each) and writes one checkpoint together; the
+one-process reference (`python -m tests.test_multiprocess`) has the same
+mesh shape and reads each process's rows of every batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nitp_jax import distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST_XLA = "--xla_backend_optimization_level=0"
+STEPS = 3
+CONFIG = """\
+from tests.conftest import train_config
+
+
+def get_config(variant=""):
+  c = train_config({prepared!r}, steps={steps}, eval_every={steps},
+                   checkpoint_every={steps}, eval_batches=2)
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.dcn_fsdp = 1, 1, 2, 2
+  if variant == "one_process":
+    c.mesh.fsdp, c.mesh.dcn_fsdp = 2, 1
+  return c
+"""
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def read_metrics(workdir: str, kind: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def test_two_processes_log_the_same_losses_as_one(prepared_dir, tmp_path):
+  config = tmp_path / "config.py"
+  config.write_text(CONFIG.format(prepared=prepared_dir, steps=STEPS))
+  two, one, logs = tmp_path / "two", tmp_path / "one", tmp_path / "logs"
+  env = dict(os.environ, PYTHON=sys.executable, XLA_FLAGS=FAST_XLA)
+  reference = subprocess.Popen(
+      [sys.executable, "-m", "tests.test_multiprocess", f"{config}:one_process", str(one)],
+      cwd=ROOT, env=dict(env, JAX_PLATFORMS="cpu",
+                         XLA_FLAGS=f"{FAST_XLA} --xla_force_host_platform_device_count=4"),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  launched = subprocess.run(
+      ["launch/local.sh", "--processes=2", "--devices=2", f"--port={free_port()}",
+       f"--log_dir={logs}", "--", f"--config={config}", f"--workdir={two}"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  ref_out = reference.communicate(timeout=600)[0]
+  assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+  assert reference.returncode == 0, ref_out[-3000:]
+
+  for kind, keys in (("train", ("loss", "ntp", "nitp", "grad_norm")), ("eval", ("ntp", "nitp"))):
+    a, b = read_metrics(str(two), kind), read_metrics(str(one), kind)
+    assert [r["step"] for r in a] == [r["step"] for r in b] and a, kind
+    for key in keys:
+      np.testing.assert_allclose([r[key] for r in a], [r[key] for r in b], rtol=1e-5,
+                                 err_msg=f"{kind} {key}")
+  assert os.path.isdir(two / "checkpoints" / str(STEPS))
+  worker_log = (logs / "process_1.log").read_text()
+  assert "step 1/" not in worker_log  # only process 0 logs
+  assert "done: step 3" in (logs / "process_0.log").read_text()
+
+
+# ---- how a process learns it is one of several ----
+
+
+def test_slurm_nodelists_expand():
+  assert distributed.expand_nodelist("gpu[01-03,7],cpu1") == ["gpu01", "gpu02", "gpu03",
+                                                              "gpu7", "cpu1"]
+  assert distributed.expand_nodelist("n[8-10]") == ["n8", "n9", "n10"]
+  assert distributed.expand_nodelist("node001") == ["node001"]
+
+
+def test_slurm_one_task_per_node_uses_every_gpu():
+  env = {"SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_STEP_NODELIST": "gpu[03-06]",
+         "SLURM_JOB_ID": "4097", "SLURM_NNODES": "4", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+  assert distributed.detect(env) == distributed.Launch("slurm", "gpu03:61441", 4, 2,
+                                                       (0, 1, 2, 3))
+  env |= {"NITP_COORDINATOR_PORT": "999"}
+  assert distributed.detect(env).coordinator_address == "gpu03:999"
+
+
+def test_slurm_one_task_per_gpu_uses_its_own():
+  env = {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_NODELIST": "a,b", "SLURM_NNODES": "2",
+         "SLURM_LOCALID": "1"}
+  assert distributed.detect(env).local_device_ids == (1,)
+  assert distributed.detect(env | {"CUDA_VISIBLE_DEVICES": "1"}).local_device_ids == (0,)
+
+
+def test_single_process_tpu_pod_and_flags():
+  assert distributed.detect({}) is None
+  assert distributed.detect({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
+  assert distributed.detect({"TPU_WORKER_HOSTNAMES": "w0"}) is None
+  assert distributed.detect({"TPU_WORKER_HOSTNAMES": "w0,w1"}) == distributed.Launch("tpu")
+  assert distributed.detect({"MEGASCALE_COORDINATOR_ADDRESS": "x"}) == distributed.Launch("tpu")
+  assert distributed.detect({}, mode="on") == distributed.Launch("auto")
+  assert distributed.detect({"TPU_WORKER_HOSTNAMES": "w0,w1"}, mode="off") is None
+  assert distributed.detect({"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_NODELIST": "a"},
+                            coordinator_address="h:1", num_processes=3, process_id=0
+                            ) == distributed.Launch("flags", "h:1", 3, 0)
+  with pytest.raises(distributed.LaunchError, match="go together"):
+    distributed.detect({}, coordinator_address="h:1")
+  with pytest.raises(distributed.LaunchError, match=r"--process_id=2 must be in \[0"):
+    distributed.detect({}, coordinator_address="h:1", num_processes=2, process_id=2)
+
+
+def one_process_reference(config_path: str, workdir: str) -> None:
+  """Train like the two-process run: batch rows [0, B/2) are what process 0
+  of 2 reads, [B/2, B) what process 1 reads."""
+  import grain  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from nitp_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from nitp_jax import train  # pylint: disable=import-outside-toplevel
+  from nitp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+
+  assert jax.device_count() == 4 and jax.process_count() == 1
+  cfg = config_lib.load_config_file(config_path)
+  trainer = train.Trainer(cfg, workdir)
+  t = cfg.train
+  halves = [pipeline.make_train_dataset(trainer.data_dir, t.seq_len, t.global_batch,
+                                        seed=cfg.data.seed, process_index=p, process_count=2)
+            for p in range(2)]
+  trainer.train_iter = iter(grain.experimental.ZipIterDataset(halves).map(
+      lambda pair: {k: np.concatenate([pair[0][k], pair[1][k]]) for k in pair[0]}))
+  try:
+    trainer.run()
+  finally:
+    trainer.close()
+
+
+if __name__ == "__main__":
+  one_process_reference(sys.argv[1], sys.argv[2])
