@@ -1,4 +1,6 @@
-"""Data throughput: prepare (tokenize + write) and pipeline tokens/s.
+"""Data throughput: prepare (tokenize + write) and pipeline tokens/s, against
+what training the tiny config consumes (tokens/s of its jitted train step on
+the same batches), measured in one process.
 
   python benchmarks/data_throughput.py [--input=GLOB] [--batches=300]
 
@@ -20,6 +22,11 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
+
+from nitp_jax import config as config_lib  # noqa: E402
+from nitp_jax import optim  # noqa: E402
+from nitp_jax import step as step_lib  # noqa: E402
 from nitp_jax.data import pipeline  # noqa: E402
 from nitp_jax.data import prepare as prepare_lib  # noqa: E402
 
@@ -31,6 +38,27 @@ flags.DEFINE_integer("batch", 8, "Rows per batch.")
 flags.DEFINE_integer("batches", 300, "Batches timed.")
 flags.DEFINE_integer("workers", 2, "Tokenizer threads in prepare.")
 flags.DEFINE_integer("worker_count", 0, "Grain worker processes.")
+flags.DEFINE_integer("train_steps", 10, "Tiny-config train steps timed.")
+
+
+def train_tokens_per_s(batches: list[dict], steps: int) -> float:
+  """Tokens/s the tiny config's train step consumes (median of `steps`)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cfg = config_lib.load_config_file(os.path.join(root, "configs", "tiny.py"))
+  cfg.train.seq_len = FLAGS.seq_len
+  cfg.train.global_batch = FLAGS.batch
+  opt = optim.make_optimizer(cfg.train)
+  state = step_lib.init_state(cfg, opt, jax.random.key(0))
+  train_step = jax.jit(step_lib.make_train_step(cfg, opt), donate_argnums=0)
+  state, m = train_step(state, batches[0])  # compile
+  jax.block_until_ready(m)
+  times = []
+  for i in range(steps):
+    start = time.perf_counter()
+    state, m = train_step(state, batches[(i + 1) % len(batches)])
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - start)
+  return FLAGS.batch * FLAGS.seq_len / sorted(times)[len(times) // 2]
 
 
 def main(argv) -> None:
@@ -53,11 +81,16 @@ def main(argv) -> None:
                                       0, 1, worker_count=FLAGS.worker_count)
     next(it)  # start-up (and worker spawn) is not throughput
     real = 0
+    kept = []
     start = time.perf_counter()
-    for _ in range(FLAGS.batches):
-      real += int((next(it)["segment_ids"] > 0).sum())
+    for i in range(FLAGS.batches):
+      batch = next(it)
+      real += int((batch["segment_ids"] > 0).sum())
+      if i < 4:
+        kept.append(batch)
     elapsed = time.perf_counter() - start
   slots = FLAGS.batches * FLAGS.batch * FLAGS.seq_len
+  train_tps = train_tokens_per_s(kept, FLAGS.train_steps)
   print(json.dumps({
       "benchmark": "data_throughput",
       "corpus": spec,
@@ -73,6 +106,8 @@ def main(argv) -> None:
       "pipeline_tokens_per_s": round(slots / elapsed),
       "pipeline_real_tokens_per_s": round(real / elapsed),
       "padding_fraction": round(1 - real / slots, 4),
+      "tiny_train_tokens_per_s": round(train_tps),
+      "pipeline_over_training": round(slots / elapsed / train_tps, 1),
   }))
 
 

@@ -1,4 +1,13 @@
-"""Grouped-query self-attention with RoPE and document (segment) masking."""
+"""Grouped-query self-attention with RoPE and document (segment) masking.
+
+Kernels (`model.attention_impl`), all through `jax.nn.dot_product_attention`:
+  xla    any backend; the full [B, 1, T, T] document-causal mask.
+  cudnn  cuDNN flash attention on GPU (bf16/fp16): `is_causal=True` (masked
+         blocks skipped) plus the same-document mask, which jax 0.10 turns
+         into an additive bias (its packed-sequence `q_offsets` path is not in
+         the public API), so packed documents stay isolated.
+  auto   cudnn where it can run (GPU, bf16/fp16, supported head_dim), else xla.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nitp_jax.config import ConfigError
 from nitp_jax.layers import param, rope
 
 
@@ -18,6 +28,42 @@ def document_causal_mask(segment_ids_BxT: jax.Array) -> jax.Array:
   causal_TxT = jnp.tril(jnp.ones((t, t), dtype=bool))
   same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
   return (same_BxTxT & causal_TxT)[:, None]
+
+
+def same_document_mask(segment_ids_BxT: jax.Array) -> jax.Array:
+  """[B, 1, T, T] bool: same document (causality left to the kernel)."""
+  return (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
+
+
+def _gpu_head_dim_limit() -> int:
+  cc = getattr(jax.devices()[0], "compute_capability", "0")
+  return 256 if float(cc) >= 9.0 else 128
+
+
+def resolve_impl(impl: str, dtype, head_dim: int) -> str:
+  """The kernel to use on this backend: 'xla' or 'cudnn'; clear error when
+  cudnn is asked for where it cannot run."""
+  on_gpu = jax.default_backend() == "gpu"
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if impl == "auto":
+    ok = on_gpu and half and head_dim % 8 == 0 and head_dim <= _gpu_head_dim_limit()
+    return "cudnn" if ok else "xla"
+  if impl == "cudnn" and not on_gpu:
+    raise ConfigError(f"config.model.attention_impl='cudnn' needs a GPU, but the backend "
+                      f"is {jax.default_backend()!r}: use 'xla' or 'auto'")
+  return impl
+
+
+def attend(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
+           segment_ids_BxT: jax.Array, impl: str) -> jax.Array:
+  """Causal attention within documents with the resolved kernel."""
+  if impl == "cudnn":
+    return jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=same_document_mask(segment_ids_BxT),
+        is_causal=True, implementation="cudnn")
+  return jax.nn.dot_product_attention(
+      q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=document_causal_mask(segment_ids_BxT),
+      implementation=impl)
 
 
 class Attention(nn.Module):
@@ -49,9 +95,7 @@ class Attention(nn.Module):
     q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, self.rope_theta)
     k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, self.rope_theta)
     q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("batch", "length", "q_heads", "head_dim"))
-    out_BxTxNxH = jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH,
-        mask=document_causal_mask(segment_ids_BxT),
-        implementation=self.impl)
+    out_BxTxNxH = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
+                         resolve_impl(self.impl, self.dtype, h))
     o_NxHxD = p("o", (n, h, d), ("q_heads", "head_dim", "embed"))
     return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, o_NxHxD)

@@ -1,4 +1,5 @@
-"""Parameter and training-FLOP accounting (paper App. G: train ≈ 6 × params).
+"""Parameter and training-FLOP accounting (paper App. G: train ≈ 6 × params)
+and model FLOPs utilisation (MFU) against the chip's peak.
 
 `count_params` reads the real model's shapes (through `jax.eval_shape`, so
 nothing is allocated); the FLOP functions are pure arithmetic on the config.
@@ -6,9 +7,12 @@ nothing is allocated); the FLOP functions are pure arithmetic on the config.
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from nitp_jax import model as model_lib
@@ -105,3 +109,64 @@ def report(cfg: ml_collections.ConfigDict) -> dict:
                           "attention_scores": shapes["attention_scores"]},
       },
   }
+
+
+# Dense (not 2:4 sparse) bf16 peak FLOP/s per chip, from the vendors' sheets.
+TPU_PEAK_FLOPS = {  # jax device_kind, exactly (lower case)
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12, "tpu v5e": 197e12,
+    "tpu v5": 459e12, "tpu v5p": 459e12,
+    "tpu v6 lite": 918e12, "tpu v6e": 918e12,
+}
+GPU_PEAK_FLOPS = (  # (substring of device_kind, peak); the first match wins
+    ("h100 pcie", 756e12), ("h100 nvl", 835e12), ("h200 nvl", 835e12),
+    ("h100", 989e12), ("h200", 989e12), ("a100", 312e12),
+)
+
+
+def peak_flops_for_kind(device_kind: str) -> float | None:
+  """bf16 peak of a known chip, e.g. 'NVIDIA H200' or 'TPU v5 lite'; else None."""
+  kind = device_kind.strip().lower()
+  if kind in TPU_PEAK_FLOPS:
+    return TPU_PEAK_FLOPS[kind]
+  return next((peak for pattern, peak in GPU_PEAK_FLOPS if pattern in kind), None)
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_peak(n: int = 1024, dtype: str = "float32", reps: int = 10) -> float:
+  """FLOP/s of a jitted n×n matmul on the default device (best of `reps`);
+  measured once per process. On CPU this is the whole host's peak."""
+  a, b = jax.random.normal(jax.random.key(0), (2, n, n), jnp.dtype(dtype))
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, b).block_until_ready()
+  best = math.inf
+  for _ in range(reps):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n ** 3 / best
+
+
+def peak_flops_per_device(override: float = 0.0) -> float:
+  """`override` if > 0; else the chip's table peak; else a measured matmul
+  (float32 on CPU, split over the CPU devices that share the cores)."""
+  if override > 0:
+    return float(override)
+  device = jax.devices()[0]
+  known = peak_flops_for_kind(device.device_kind)
+  if known:
+    return known
+  if device.platform == "cpu":
+    return measured_matmul_peak() / jax.local_device_count()
+  return measured_matmul_peak(4096, "bfloat16")
+
+
+def model_flops_rate(flops_per_token: float, tokens_per_s: float) -> float:
+  """Model FLOP/s of the whole job."""
+  return flops_per_token * tokens_per_s
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_per_device: float,
+        num_devices: int = 1) -> float:
+  """Model FLOPs utilisation: achieved model FLOP/s over the devices' peak."""
+  return model_flops_rate(flops_per_token, tokens_per_s) / (peak_per_device * num_devices)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from nitp_jax import layers
 from nitp_jax import model as model_lib
 
 
@@ -43,6 +44,40 @@ def ntp_loss(logits_BxTxV: jax.Array, tokens_BxT: jax.Array,
   target_logit_BxT = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
   ce_BxT = jax.nn.logsumexp(logits, axis=-1) - target_logit_BxT
   return masked_mean(ce_BxT, valid_pairs(segment_ids_BxT))
+
+
+def chunked_ntp_loss(normed_BxTxD: jax.Array, unembed_DxV: jax.Array, tokens_BxT: jax.Array,
+                     segment_ids_BxT: jax.Array, chunk: int, compute_dtype=jnp.float32
+                     ) -> jax.Array:
+  """`ntp_loss` of `unembed(normed)` computed `chunk` positions at a time.
+
+  `normed_BxTxD` is what `model.apply(..., return_logits=False)` returns. A
+  scan over sequence chunks; each chunk's [B, chunk, V] logits are rebuilt in
+  the backward pass (jax.checkpoint), so no [B, T, V] buffer ever exists. The
+  price: the unembedding matmul runs once more (≈ +2·V·d FLOPs per token).
+  """
+  b, t, _ = normed_BxTxD.shape
+  chunk = min(chunk, t)
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  targets_BxT = jnp.pad(shift_left(tokens_BxT), ((0, 0), (0, pad)))
+  valid_BxT = jnp.pad(valid_pairs(segment_ids_BxT), ((0, 0), (0, pad)))
+  x_BxTxD = jnp.pad(normed_BxTxD, ((0, 0), (0, pad), (0, 0)))
+  split = lambda a: a.reshape(b, n, chunk, *a.shape[2:]).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def chunk_ce_sum(x_BxCxD, unembed_DxV, targets_BxC, valid_BxC):
+    logits = model_lib.unembed(x_BxCxD, unembed_DxV, compute_dtype).astype(jnp.float32)
+    target_logit_BxC = jnp.take_along_axis(logits, targets_BxC[..., None], axis=-1)[..., 0]
+    ce_BxC = jax.nn.logsumexp(logits, axis=-1) - target_logit_BxC
+    return jnp.sum(jnp.where(valid_BxC, ce_BxC, 0.0))
+
+  def body(total, xs):
+    return total + chunk_ce_sum(xs[0], unembed_DxV, xs[1], xs[2]), None
+
+  total, _ = jax.lax.scan(body, jnp.float32(0.0),
+                          (split(x_BxTxD), split(targets_BxT), split(valid_BxT)))
+  return total / jnp.maximum(jnp.sum(valid_BxT, dtype=jnp.float32), 1.0)
 
 
 def _cosine(a_BxTxD, b_BxTxD, eps=1e-6):
@@ -112,13 +147,19 @@ def make_loss_fn(cfg: ml_collections.ConfigDict) -> LossFn:
   total = ntp + λ·(nitp or cosine regulariser) + MoE aux losses.
   """
   model, projector = model_lib.build(cfg)
-  n, e = cfg.nitp, cfg.model.moe
+  n, e, m = cfg.nitp, cfg.model.moe, cfg.model
+  chunk = m.ce_chunk
 
   def loss_fn(params: dict, batch: dict, step: jax.Array):
     tokens, seg = batch["tokens"], batch["segment_ids"]
-    logits, hidden, aux = model.apply({"params": params["backbone"]}, tokens, seg,
-                                      batch["positions"])
-    ntp = ntp_loss(logits, tokens, seg)
+    out, hidden, aux = model.apply({"params": params["backbone"]}, tokens, seg,
+                                   batch["positions"], return_logits=not chunk)
+    if chunk:
+      unembed_DxV = model_lib.unembed_matrix(params["backbone"], m.tie_embeddings)
+      ntp = chunked_ntp_loss(out, unembed_DxV, tokens, seg, chunk,
+                             layers.dtype(m.compute_dtype))
+    else:
+      ntp = ntp_loss(out, tokens, seg)
     lam = nitp_weight(cfg, step)
     metrics = {"ntp": ntp, "nitp_weight": lam}
     if n.weight > 0 and n.variant == "nitp":
