@@ -4,20 +4,29 @@ reshard into whatever shardings the caller's abstract state carries."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 from typing import Any
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 
 # Fields that decide parameter shapes or the data order: a checkpoint only
 # resumes under a config that agrees on all of them.
 RESUME_FIELDS = ("model", "nitp.target_layer", "nitp.projector", "nitp.projector_mult",
                  "nitp.variant", "data.input", "data.seed", "data.val_fraction",
                  "data.text_field", "train.seq_len", "train.global_batch", "train.seed")
+
+
+# How the same weights are computed with: free to change between runs.
+COMPUTE_ONLY_FIELDS = frozenset({"model.attention_impl", "model.remat_policy",
+                                 "model.ce_chunk", "model.compute_dtype",
+                                 "model.moe.dispatch", "model.moe.capacity_factor"})
 
 
 class CheckpointError(RuntimeError):
@@ -48,13 +57,68 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointSave(data_iterator),
         config=ocp.args.JsonSave(json.loads(cfg.to_json()))), force=True)
 
+  def saved_process_count(self, step: int) -> int | None:
+    """How many processes wrote `step`'s data-iterator state (one file each)."""
+    names = glob.glob(os.path.join(self.directory, str(step), "data", "process_*-of-*.json"))
+    counts = {int(re.search(r"-of-(\d+)\.json$", n).group(1)) for n in names}
+    return counts.pop() if len(counts) == 1 else None
+
   def restore(self, step: int, abstract_state: Any,
-              data_iterator: grain.DatasetIterator) -> Any:
-    """The train state at `step`; also sets the iterator to where it was."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    return restored["state"]
+              data_iterator: grain.DatasetIterator | None) -> Any:
+    """The train state at `step`; also sets the iterator to where it was
+    (unless `data_iterator` is None)."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+  def restore_latest(self, abstract_state: Any, data_iterator: grain.DatasetIterator,
+                     cfg: ml_collections.ConfigDict) -> tuple[int, Any, bool] | None:
+    """(step, state, data state restored?) of the newest checkpoint that
+    restores, skipping (with a warning) unreadable ones; None when there is no
+    checkpoint at all. Never falls back to a fresh start when checkpoints
+    exist but none restores."""
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    self._warn_incomplete()
+    failures = []
+    for step in steps:
+      try:
+        saved = self.saved_config(step)
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append(self._skip(step, e))
+        continue
+      check_resumable(saved, cfg, self.directory)
+      iterator = data_iterator
+      if self.saved_process_count(step) not in (None, jax.process_count()):
+        iterator = None
+        logging.warning(
+            "checkpoint %s was written by another number of processes: its data-iterator "
+            "state does not apply, so the data order restarts with a seed derived from the "
+            "step (not the order of an uninterrupted run)", os.path.join(self.directory, str(step)))
+      try:
+        return step, self.restore(step, abstract_state, iterator), iterator is not None
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append(self._skip(step, e))
+    if failures:
+      raise CheckpointError(
+          f"none of the {len(failures)} checkpoints in {self.directory} can be restored "
+          f"({'; '.join(failures)}). Not starting from scratch over them: repair or move "
+          "that directory away, or use a new --workdir.")
+    return None
+
+  def _skip(self, step: int, error: Exception) -> str:
+    reason = f"{os.path.join(self.directory, str(step))}: {type(error).__name__}: " + (
+        str(error).strip().splitlines() or [""])[0][:200]
+    logging.warning("skipping unreadable checkpoint %s; trying an older one", reason)
+    return reason
+
+  def _warn_incomplete(self) -> None:
+    if not os.path.isdir(self.directory):
+      return
+    for name in sorted(os.listdir(self.directory)):
+      if ".orbax-checkpoint-tmp" in name:
+        logging.warning("ignoring incomplete checkpoint %s (its write was interrupted)",
+                        os.path.join(self.directory, name))
 
   def saved_config(self, step: int) -> ml_collections.ConfigDict:
     restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -91,7 +155,7 @@ def config_mismatches(saved: ml_collections.ConfigDict, current: ml_collections.
   for field in RESUME_FIELDS:
     a, b = _flatten(_lookup(saved, field), field), _flatten(_lookup(current, field), field)
     for key in sorted(set(a) | set(b)):
-      if a.get(key) != b.get(key):
+      if key not in COMPUTE_ONLY_FIELDS and a.get(key) != b.get(key):
         diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
   return diffs
 

@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")  # auto: cudnn on GPU in bf16/fp16, else xla
 DISPATCHES = ("capacity", "ragged", "dense")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -46,6 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.attention_impl = "xla"
   m.scan_layers = True
   m.remat_policy = "none"
+  m.ce_chunk = 0                # cross-entropy over this many positions at a time
+                                # (no [B, T, V] float32 logits); 0 = full logits
   m.compute_dtype = "float32"
   m.param_dtype = "float32"
   m.init_std = 0.02
@@ -105,14 +107,23 @@ def base_config() -> ml_collections.ConfigDict:
   t.log_every = 10
   t.eval_every = 100
   t.eval_batches = 4
+  t.geometry_every = 20         # effective rank / mean cosine on a fixed
+                                # held-out probe batch; 0 = off
   t.checkpoint_every = 100
   t.keep_checkpoints = 3
+  t.peak_flops_per_device = 0.0  # for MFU; 0 = known chip's bf16 peak, or a
+                                 # matmul measured at start-up on CPU
+  t.max_skipped_in_a_row = 3    # non-finite steps skipped before the run stops
 
   c.mesh = s = ml_collections.ConfigDict()
-  s.data = -1                   # -1 fills the remaining devices
+  s.data = -1                   # sizes inside one slice; -1 fills the rest
   s.fsdp = 1
   s.tensor = 1
   s.expert = 1
+  s.dcn_data = 1                # factors across slices (multi-slice TPU) or
+  s.dcn_fsdp = 1                # nodes (GPU cluster): axis a has size
+  s.dcn_tensor = 1              # a * dcn_a; product of dcn_* = slices
+  s.dcn_expert = 1
   return c
 
 
@@ -160,6 +171,22 @@ def is_moe(cfg) -> bool:
   return cfg.model.moe.num_experts > 0
 
 
+def _check_cudnn(cfg) -> None:
+  """cuDNN flash attention (jax 0.10): bf16/fp16 only, head_dim a multiple of
+  8 up to 256 (128 before Hopper), even length when a mask is passed (the
+  document mask becomes an additive bias)."""
+  m = cfg.model
+  if m.compute_dtype not in ("bfloat16", "float16"):
+    _fail("model.attention_impl", "cudnn", f"needs model.compute_dtype bfloat16 or "
+          f"float16, not {m.compute_dtype!r} (use 'xla' or 'auto')")
+  if m.head_dim % 8 or m.head_dim > 256:
+    _fail("model.attention_impl", "cudnn", f"needs model.head_dim a multiple of 8 "
+          f"and <= 256, not {m.head_dim} (use 'xla')")
+  if cfg.train.seq_len % 2:
+    _fail("model.attention_impl", "cudnn", f"needs an even train.seq_len, not "
+          f"{cfg.train.seq_len} (use 'xla')")
+
+
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raise ConfigError naming the first bad field; return cfg if all is well."""
   m, e, n, t = cfg.model, cfg.model.moe, cfg.nitp, cfg.train
@@ -176,6 +203,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if m.head_dim % 2:
     _fail("model.head_dim", m.head_dim, "must be even (RoPE rotates pairs)")
   _choice(cfg, "model.attention_impl", ATTENTION_IMPLS)
+  if m.attention_impl == "cudnn":
+    _check_cudnn(cfg)
+  if not isinstance(m.ce_chunk, int) or m.ce_chunk < 0:
+    _fail("model.ce_chunk", m.ce_chunk, "must be an int >= 0 (0 = full logits)")
+  if t.peak_flops_per_device < 0:
+    _fail("train.peak_flops_per_device", t.peak_flops_per_device,
+          "must be >= 0 (0 = detect the chip or measure the CPU)")
   _choice(cfg, "model.remat_policy", REMAT_POLICIES)
   _choice(cfg, "model.compute_dtype", DTYPES)
   _choice(cfg, "model.param_dtype", DTYPES)
@@ -221,6 +255,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if t.global_batch % t.microbatches:
     _fail("train.microbatches", t.microbatches,
           f"must divide train.global_batch={t.global_batch}")
+  if t.geometry_every < 0:
+    _fail("train.geometry_every", t.geometry_every, "must be >= 0 (0 = off)")
+  if t.max_skipped_in_a_row < 0:
+    _fail("train.max_skipped_in_a_row", t.max_skipped_in_a_row,
+          "must be >= 0 (0 = stop at the first non-finite step)")
   if t.warmup_steps < 0:
     _fail("train.warmup_steps", t.warmup_steps, "must be >= 0")
   if not 0 <= t.decay_fraction <= 1:
@@ -241,8 +280,14 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("data.worker_count", cfg.data.worker_count, "must be >= 0")
   for axis in ("data", "fsdp", "tensor", "expert"):
     v = cfg.mesh[axis]
-    if v != -1 and v < 1:
+    if isinstance(v, bool) or not isinstance(v, int) or (v != -1 and v < 1):
       _fail(f"mesh.{axis}", v, "must be a positive size or -1 (fill)")
+    dcn = cfg.mesh.get(f"dcn_{axis}", 1)
+    if isinstance(dcn, bool) or not isinstance(dcn, int) or dcn < 1:
+      _fail(f"mesh.dcn_{axis}", dcn, "must be a positive integer (1 = one slice)")
+  if [cfg.mesh[a] for a in ("data", "fsdp", "tensor", "expert")].count(-1) > 1:
+    _fail("mesh", {a: cfg.mesh[a] for a in ("data", "fsdp", "tensor", "expert")},
+          "at most one axis may be -1 (fill)")
   return cfg
 
 
@@ -258,6 +303,8 @@ def paper_recipe(c: ml_collections.ConfigDict, *, lr: float, global_batch: int,
   m.rope_theta = 1_000_000.0
   m.compute_dtype = "bfloat16"
   m.remat_policy = "full"
+  m.attention_impl = "auto"     # cuDNN flash attention on GPU, XLA elsewhere
+  m.ce_chunk = 1024             # never hold [B, 8192, 152064] float32 logits
   t.seq_len = 8192
   t.global_batch = global_batch
   t.steps = steps_for_tokens(tokens, global_batch, t.seq_len)
@@ -268,6 +315,7 @@ def paper_recipe(c: ml_collections.ConfigDict, *, lr: float, global_batch: int,
   t.decay_fraction = 0.2
   t.b1, t.b2, t.weight_decay, t.grad_clip = 0.9, 0.95, 0.1, 1.0
   t.log_every, t.eval_every, t.checkpoint_every = 10, 1000, 1000
+  t.geometry_every = 1000
   c.nitp.target_layer = target_layer
   c.nitp.weight = weight
   c.mesh.data, c.mesh.fsdp = 1, -1

@@ -7,8 +7,10 @@ import json
 import os
 import time
 
+import jax
 from absl import logging
 
+from nitp_jax import flops
 from nitp_jax.tensorboard import SummaryWriter
 
 
@@ -27,8 +29,19 @@ def console_line(step: int, total: int, m: dict[str, float]) -> str:
     parts.append(f"cos_reg {m['cosine_reg']:.4f}")
   parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}"]
   if "tokens_per_s" in m:
-    parts += [f"{m['tokens_per_s']:,.0f} tok/s", f"ETA {format_duration(m['eta_s'])}"]
+    parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
+    if "mfu" in m:
+      parts += [f"{m['model_tflops']:.3g} TFLOP/s/dev", f"MFU {100 * m['mfu']:.1f}%"]
+    parts.append(f"ETA {format_duration(m['eta_s'])}")
   return " | ".join(parts)
+
+
+def _step_of(line: str) -> float:
+  """The record's step; a line cut short by a kill counts as past any step."""
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError):
+    return float("inf")
 
 
 class MetricsLog:
@@ -50,6 +63,20 @@ class MetricsLog:
     self._jsonl.flush()
     self._tb.scalars(step, {f"{kind}/{k}": float(v) for k, v in metrics.items()})
 
+  def truncate_after(self, step: int) -> None:
+    """Drop records past `step`: after a resume, the steps that were run but
+    not checkpointed are run (and logged) again, once."""
+    if not self.enabled:
+      return
+    self._jsonl.close()
+    with open(self.path, encoding="utf-8") as f:
+      kept = [line for line in f if _step_of(line) <= step]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
+    self._jsonl = open(self.path, "a", encoding="utf-8")
+
   def info(self, message: str) -> None:
     """A console line (stdout, timestamped), also kept in the absl log."""
     if self.enabled:
@@ -63,12 +90,24 @@ class MetricsLog:
 
 
 class Throughput:
-  """Tokens/s and ETA over the steps since the last report (the first,
-  compiling step is excluded)."""
+  """Tokens/s, ETA and (given the model's FLOPs per token and the devices'
+  peak) model TFLOP/s per device and MFU, over the steps since the last
+  report (the first, compiling step is excluded)."""
 
-  def __init__(self, tokens_per_step: int, total_steps: int):
+  def __init__(self, tokens_per_step: int, total_steps: int, flops_per_token: float = 0.0,
+               peak_flops_per_device: float = 0.0, num_devices: int = 1):
     self.tokens_per_step, self.total_steps = tokens_per_step, total_steps
+    self.flops_per_token, self.peak, self.num_devices = (
+        flops_per_token, peak_flops_per_device, num_devices)
     self._last_time, self._last_step = None, None
+
+  @classmethod
+  def for_config(cls, cfg) -> "Throughput":
+    """Tokens per step, steps, FLOPs per token (flops.py) and the devices'
+    peak (train.peak_flops_per_device, a known chip, or a measured matmul)."""
+    t = cfg.train
+    return cls(t.global_batch * t.seq_len, t.steps, flops.training_flops_per_token(cfg),
+               flops.peak_flops_per_device(t.peak_flops_per_device), jax.device_count())
 
   def update(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
@@ -78,5 +117,14 @@ class Throughput:
       out = {"tokens_per_s": self.tokens_per_step / seconds_per_step,
              "step_s": seconds_per_step,
              "eta_s": seconds_per_step * (self.total_steps - step)}
+      out |= self.utilisation(out["tokens_per_s"])
     self._last_time, self._last_step = now, step
     return out
+
+  def utilisation(self, tokens_per_s: float) -> dict[str, float]:
+    """{"model_tflops": per device, "mfu": fraction of peak}; {} if unknown."""
+    if self.flops_per_token <= 0 or self.peak <= 0:
+      return {}
+    rate = flops.model_flops_rate(self.flops_per_token, tokens_per_s) / self.num_devices
+    return {"model_tflops": rate / 1e12,
+            "mfu": flops.mfu(self.flops_per_token, tokens_per_s, self.peak, self.num_devices)}

@@ -3,9 +3,11 @@
 `Transformer.__call__` returns `(logits_BxTxV, hidden, aux)` where
 `hidden = {"target": h_k, "last": h_L}`: h_k is the residual stream after
 block k (the embedding output for k = 0), h_L the last hidden state (after
-the final norm by default). The layer stack is cut into scanned segments at
-the dense/MoE boundary and at k, so h_k comes out of the one forward pass
-without keeping every layer's output.
+the final norm by default). With `return_logits=False` the first output is
+the unembedding's input [B, T, D] instead, for a chunked cross-entropy that
+never holds full logits (`unembed`, `unembed_matrix`). The layer stack is
+cut into scanned segments at the dense/MoE boundary and at k, so h_k comes
+out of the one forward pass without keeping every layer's output.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None,
-               positions_BxT: jax.Array | None = None):
+               positions_BxT: jax.Array | None = None, return_logits: bool = True):
     c = self.cfg
     cdt, pdt = dtype(c.compute_dtype), dtype(c.param_dtype)
     b, t = tokens_BxT.shape
@@ -83,7 +85,10 @@ class Transformer(nn.Module):
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     embed_VxD = param(self, "embed", (c.vocab_size, c.d_model), ("vocab", "embed"), c.init_std, pdt)
-    x_BxTxD = jnp.take(embed_VxD, tokens_BxT, axis=0).astype(cdt)
+    # Gather from the vocab-sharded table with d_model whole (FSDP gathers
+    # it), so the rows come out batch-sharded without a full rematerialization.
+    lookup_VxD = nn.with_logical_constraint(embed_VxD, ("vocab", None))
+    x_BxTxD = jnp.take(lookup_VxD, tokens_BxT, axis=0).astype(cdt)
     num_dense = c.num_layers if c.moe.num_experts == 0 else c.moe.num_dense_layers
     target_BxTxD = x_BxTxD
     aux_layers = []
@@ -109,12 +114,25 @@ class Transformer(nn.Module):
     else:
       unembed_DxV = param(self, "unembed", (c.d_model, c.vocab_size), ("embed", "vocab"),
                           c.init_std, pdt)
-    logits_BxTxV = jnp.einsum("btd,dv->btv", normed_BxTxD, unembed_DxV.astype(cdt))
-    logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "vocab"))
     hidden = {"target": target_BxTxD,
               "last": normed_BxTxD if self.last_after_norm else x_BxTxD}
     aux = _mean_moe_aux(aux_layers, num_dense < c.num_layers, c.num_layers - num_dense)
+    if not return_logits:
+      return normed_BxTxD, hidden, aux
+    logits_BxTxV = unembed(normed_BxTxD, unembed_DxV, cdt)
     return logits_BxTxV, hidden, aux
+
+
+def unembed(normed_BxTxD: jax.Array, unembed_DxV: jax.Array, compute_dtype) -> jax.Array:
+  """Logits [B, T, V] in the compute dtype (also used chunk by chunk)."""
+  logits_BxTxV = jnp.einsum("btd,dv->btv", normed_BxTxD.astype(compute_dtype),
+                            unembed_DxV.astype(compute_dtype))
+  return nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "vocab"))
+
+
+def unembed_matrix(backbone: dict, tie_embeddings: bool) -> jax.Array:
+  """The [D, V] output projection stored in `backbone` params."""
+  return backbone["embed"].T if tie_embeddings else backbone["unembed"]
 
 
 def _mean_moe_aux(aux_layers: list[dict], has_moe: bool, num_moe: int) -> dict:
@@ -168,8 +186,18 @@ def _init_boxed(cfg: ml_collections.ConfigDict, rng: jax.Array) -> dict:
 
 
 def init_params(cfg: ml_collections.ConfigDict, rng: jax.Array) -> dict:
-  """{"backbone": ..., "projector": ...} float32 pytrees (no metadata boxes)."""
-  return jax.jit(lambda r: nn.unbox(_init_boxed(cfg, r)))(rng)
+  """{"backbone": ..., "projector": ...} float32 pytrees (no metadata boxes).
+
+  Blocks are initialised in one canonical layout and then re-stored for
+  `cfg`, so runs that differ only in the NITP target layer (or in scanning)
+  start from the same weights.
+  """
+  canonical = cfg.copy_and_resolve_references()
+  canonical.nitp.target_layer = cfg.model.num_layers
+  canonical.model.scan_layers = True
+  params = jax.jit(lambda r: nn.unbox(_init_boxed(canonical, r)))(rng)
+  params["backbone"] = arrange_layers(params["backbone"], cfg)
+  return params
 
 
 def abstract_params(cfg: ml_collections.ConfigDict) -> tuple[dict, dict]:

@@ -10,6 +10,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
+from nitp_jax import cli
 from nitp_jax import config as config_lib
 from nitp_jax import flops
 
@@ -25,4 +26,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

@@ -11,19 +11,26 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from nitp_jax import geometry
 from nitp_jax import model as model_lib
 from nitp_jax import objectives
 from nitp_jax import optim
 from nitp_jax import sharding
 
-State = dict[str, Any]  # {"step": int32[], "params": ..., "opt_state": ...}
+# {"step": int32[], "params", "opt_state", "nonfinite": int32[2] = (skipped in
+# a row, skipped in total)}
+State = dict[str, Any]
 
 
 def init_state(cfg: ml_collections.ConfigDict, optimizer: optax.GradientTransformation,
                rng: jax.Array) -> State:
   params = model_lib.init_params(cfg, rng)
   return {"step": jnp.zeros((), jnp.int32), "params": params,
-          "opt_state": optimizer.init(params)}
+          "opt_state": optimizer.init(params), "nonfinite": jnp.zeros((2,), jnp.int32)}
+
+
+def all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def state_shardings(cfg: ml_collections.ConfigDict, optimizer: optax.GradientTransformation,
@@ -62,10 +69,20 @@ def make_train_step(cfg: ml_collections.ConfigDict, optimizer: optax.GradientTra
       init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g0, m0))
       (grads, metrics), _ = jax.lax.scan(accumulate, init, micro)
       grads, metrics = jax.tree.map(lambda x: x / n_micro, (grads, metrics))
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    new_state = {"step": step + 1, "params": optax.apply_updates(params, updates),
-                 "opt_state": opt_state}
-    metrics |= {"grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
+    new_params = optax.apply_updates(params, updates)
+    # A non-finite loss or gradient skips the update: params and optimizer
+    # state (moments, schedule count) stay as they were; the data moves on.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    streak, total = state["nonfinite"][0], state["nonfinite"][1]
+    skipped = jnp.where(finite, 0, 1).astype(jnp.int32)
+    nonfinite = jnp.stack([jnp.where(finite, 0, streak + 1), total + skipped])
+    new_state = {"step": step + 1, "params": keep(new_params, params),
+                 "opt_state": keep(opt_state, state["opt_state"]), "nonfinite": nonfinite}
+    metrics |= {"grad_norm": grad_norm, "lr": schedule(step),
+                "skipped_in_a_row": nonfinite[0], "skipped_total": nonfinite[1]}
     return new_state, metrics
 
   return train_step
@@ -82,3 +99,15 @@ def make_eval_step(cfg: ml_collections.ConfigDict) -> Callable[[dict, dict], dic
                                  if k in metrics}}
 
   return eval_step
+
+
+def make_geometry_step(cfg: ml_collections.ConfigDict) -> Callable[[dict, dict], dict]:
+  """Effective rank and mean cosine of the last and target hidden states."""
+  model, _ = model_lib.build(cfg)
+
+  def geometry_step(params: dict, batch: dict) -> dict:
+    _, hidden, _ = model.apply({"params": params["backbone"]}, batch["tokens"],
+                               batch["segment_ids"], batch["positions"])
+    return geometry.geometry_metrics(hidden, batch["segment_ids"])
+
+  return geometry_step

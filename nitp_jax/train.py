@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
-import time
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from nitp_jax import checkpoint as ckpt_lib
+from nitp_jax import cli
 from nitp_jax import config as config_lib
+from nitp_jax import distributed
 from nitp_jax import optim
 from nitp_jax import sharding
 from nitp_jax import step as step_lib
@@ -29,17 +32,70 @@ from nitp_jax.data import pipeline, prepare
 from nitp_jax.data.corpus import DataError
 from nitp_jax.metrics_log import MetricsLog, Throughput, console_line
 
-USER_ERRORS = (config_lib.ConfigError, DataError, ckpt_lib.CheckpointError)
+USER_ERRORS = (config_lib.ConfigError, DataError, ckpt_lib.CheckpointError,
+               distributed.LaunchError)
 
 
 class NonFiniteLossError(RuntimeError):
-  """Training produced a NaN or infinite loss or gradient."""
+  """Too many NaN or infinite steps in a row."""
+
+
+class PreemptionGuard:
+  """Turns SIGTERM / SIGINT into a request to checkpoint and exit cleanly
+  after the current step (a second signal interrupts at once)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in self.SIGNALS:
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signal_name is not None:
+      signal.default_int_handler(signum, frame)
+    self.signal_name = signal.Signals(signum).name
+
+  def requested(self) -> bool:
+    """True on every process once any process got a signal."""
+    local = self.signal_name is not None
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return bool(np.any(multihost_utils.process_allgather(np.array(local))))
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def make_workdir(workdir: str) -> str:
+  path = os.path.abspath(workdir)
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):  # a unique name: processes may share path
+      pass
+  except OSError as e:
+    raise config_lib.ConfigError(
+        f"--workdir={workdir} is not a writable directory ({e.strerror or e}): "
+        "pass a directory you can write to") from e
+  return path
 
 
 def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   """Tokenized shards for cfg.data (built once, reused on resume)."""
   data_dir = cfg.data.prepared_dir or os.path.join(workdir, "data")
-  prepare.ensure_prepared(cfg.data, cfg.model.vocab_size, data_dir)
+  # Process 0 first; then the others reuse its output (shared disk) or build
+  # their own copy (hosts with local disks).
+  if jax.process_index() == 0:
+    prepare.ensure_prepared(cfg.data, cfg.model.vocab_size, data_dir)
+  distributed.barrier("prepare_data")
+  if jax.process_index() != 0:
+    prepare.ensure_prepared(cfg.data, cfg.model.vocab_size, data_dir)
   return data_dir
 
 
@@ -47,7 +103,8 @@ def evaluate(eval_step, params, eval_batches: list[dict], mesh) -> dict[str, flo
   """Token-weighted held-out loss, perplexity and NITP alignment."""
   sums: dict[str, float] = {}
   for batch in eval_batches:
-    out = jax.device_get(eval_step(params, sharding.global_batch(batch, mesh)))
+    local = sharding.local_rows(batch, mesh)
+    out = jax.device_get(eval_step(params, sharding.global_batch(local, mesh)))
     for k, v in out.items():
       sums[k] = sums.get(k, 0.0) + float(v)
   tokens = max(sums.pop("tokens", 0.0), 1.0)
@@ -62,18 +119,15 @@ class Trainer:
 
   def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
     self.cfg = config_lib.validate(cfg)
-    self.workdir = os.path.abspath(workdir)
-    os.makedirs(self.workdir, exist_ok=True)
+    self.workdir = make_workdir(workdir)
     t = cfg.train
     self.is_main = jax.process_index() == 0
-    self.log = MetricsLog(self.workdir, enabled=self.is_main)
-    self.mesh = sharding.make_mesh(cfg.mesh)
+    self.mesh = sharding.mesh_for_config(cfg)
     self.data_dir = prepare_data(cfg, self.workdir)
-    self.train_iter = pipeline.make_train_iterator(
-        self.data_dir, t.seq_len, t.global_batch, seed=cfg.data.seed,
-        worker_count=cfg.data.worker_count)
+    self.log = MetricsLog(self.workdir, enabled=self.is_main)
+    self.train_iter = self._train_iterator(cfg.data.seed)
     self.eval_batches = pipeline.make_eval_batches(
-        self.data_dir, t.seq_len, t.global_batch // jax.process_count(), t.eval_batches)
+        self.data_dir, t.seq_len, t.global_batch, t.eval_batches)
     self.optimizer = optim.make_optimizer(t)
     abstract, self.shardings = step_lib.state_shardings(cfg, self.optimizer, self.mesh)
     self.abstract_state = jax.tree.map(
@@ -81,36 +135,54 @@ class Trainer:
     self.checkpointer = ckpt_lib.Checkpointer(self.workdir, t.keep_checkpoints)
     batch_sh = sharding.batch_sharding(self.mesh)
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    self.train_step = jax.jit(step_lib.make_train_step(cfg, self.optimizer),
-                              in_shardings=(self.shardings, batch_sh),
-                              out_shardings=(self.shardings, replicated), donate_argnums=0)
-    self.eval_step = jax.jit(step_lib.make_eval_step(cfg),
-                             in_shardings=(self.shardings["params"], batch_sh),
-                             out_shardings=replicated)
+    self.train_step = sharding.jit(step_lib.make_train_step(cfg, self.optimizer), self.mesh,
+                                   in_shardings=(self.shardings, batch_sh),
+                                   out_shardings=(self.shardings, replicated), donate_argnums=0)
+    self._params_finite = jax.jit(step_lib.all_finite)
+    self.geometry_step = sharding.jit(step_lib.make_geometry_step(cfg), self.mesh,
+                                      in_shardings=(self.shardings["params"], batch_sh),
+                                      out_shardings=replicated)
+    self.eval_step = sharding.jit(step_lib.make_eval_step(cfg), self.mesh,
+                                  in_shardings=(self.shardings["params"], batch_sh),
+                                  out_shardings=replicated)
+
+  def _train_iterator(self, seed: int):
+    t = self.cfg.train
+    return pipeline.make_train_iterator(self.data_dir, t.seq_len, t.global_batch, seed=seed,
+                                        worker_count=self.cfg.data.worker_count)
 
   def initial_state(self) -> step_lib.State:
-    latest = self.checkpointer.latest_step()
-    if latest is None:
+    restored = self.checkpointer.restore_latest(self.abstract_state, self.train_iter, self.cfg)
+    if restored is None:
       init = jax.jit(lambda rng: step_lib.init_state(self.cfg, self.optimizer, rng),
                      out_shardings=self.shardings)
+      self.log.truncate_after(0)
       return init(jax.random.key(self.cfg.train.seed))
-    ckpt_lib.check_resumable(self.checkpointer.saved_config(latest), self.cfg,
-                             self.checkpointer.directory)
-    self.log.info(f"resuming from step {latest} in {self.checkpointer.directory}")
-    return self.checkpointer.restore(latest, self.abstract_state, self.train_iter)
+    step, state, data_restored = restored
+    if not data_restored:  # another process count wrote it: see restore_latest
+      self.train_iter = self._train_iterator(self.cfg.data.seed + step)
+    self.log.info(f"resuming from step {step} in {self.checkpointer.directory}")
+    self.log.truncate_after(step)
+    return state
 
   def save(self, state: step_lib.State, step: int) -> None:
+    if not bool(self._params_finite(state["params"])):
+      raise NonFiniteLossError(f"step {step}: parameters are not finite; not saving them. "
+                               f"The last good checkpoint is in {self.checkpointer.directory}.")
     self.checkpointer.save(step, state, self.train_iter, self.cfg)
 
   def _report(self, step: int, metrics: dict, throughput: Throughput) -> None:
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-      raise NonFiniteLossError(
-          f"step {step}: loss={metrics['loss']} grad_norm={metrics['grad_norm']} is not finite. "
-          f"Nothing was saved from this step; the last good checkpoint is in "
-          f"{self.checkpointer.directory}. Lower --config.train.lr or raise "
-          "--config.train.warmup_steps, then rerun to resume.")
     t = self.cfg.train
+    if metrics["skipped_in_a_row"] > 0:
+      self.log.info(f"step {step}: loss={metrics['loss']} grad_norm={metrics['grad_norm']} "
+                    f"is not finite; update skipped ({metrics['skipped_in_a_row']:.0f} in a row)")
+    if metrics["skipped_in_a_row"] > t.max_skipped_in_a_row:
+      raise NonFiniteLossError(
+          f"step {step}: {metrics['skipped_in_a_row']:.0f} non-finite steps in a row "
+          f"(limit --config.train.max_skipped_in_a_row={t.max_skipped_in_a_row}). "
+          f"The last good checkpoint is in {self.checkpointer.directory}; lower "
+          "--config.train.lr or raise --config.train.warmup_steps, then rerun to resume.")
     if step % t.log_every == 0 or step == t.steps:
       metrics |= throughput.update(step)
       self.log.info(console_line(step, t.steps, metrics))
@@ -125,6 +197,15 @@ class Trainer:
     self.log.write(step, result, kind="eval")
     return result
 
+  def _geometry(self, state: step_lib.State, step: int) -> None:
+    """Geometry of a fixed held-out probe batch (the first eval batch)."""
+    if not self.eval_batches:
+      return
+    probe = sharding.global_batch(sharding.local_rows(self.eval_batches[0], self.mesh), self.mesh)
+    result = {k: float(v) for k, v in jax.device_get(
+        self.geometry_step(state["params"], probe)).items()}
+    self.log.write(step, result, kind="probe")
+
   def run(self, stop_after: int | None = None) -> dict:
     """Train to cfg.train.steps (or `stop_after`, checkpointing there).
     Returns the final step and the last train and eval metrics."""
@@ -132,26 +213,36 @@ class Trainer:
     state = self.initial_state()
     start = int(jax.device_get(state["step"]))
     end = min(t.steps, stop_after) if stop_after else t.steps
-    throughput = Throughput(t.global_batch * t.seq_len, t.steps)
+    throughput = Throughput.for_config(self.cfg)  # tokens/s, TFLOP/s, MFU
     self.log.info(f"training steps {start}..{end} of {t.steps} on {jax.device_count()} "
                   f"device(s), mesh {dict(self.mesh.shape)}; results in {self.workdir}")
     pending, last_eval, step = None, {}, start
-    for step in range(start + 1, end + 1):
-      batch = sharding.global_batch(next(self.train_iter), self.mesh)
-      state, metrics = self.train_step(state, batch)
-      if pending is not None:
-        self._report(*pending, throughput)
-      pending = (step, metrics)
-      if step % t.checkpoint_every == 0 or step == end:
-        self._report(*pending, throughput)
-        pending = None
-        self.save(state, step)
-      if step % t.eval_every == 0 or step == t.steps:
-        last_eval = self._eval(state, step)
+    with PreemptionGuard() as guard:
+      for step in range(start + 1, end + 1):
+        batch = sharding.global_batch(next(self.train_iter), self.mesh)
+        state, metrics = self.train_step(state, batch)
+        if pending is not None:
+          self._report(*pending, throughput)
+        pending = (step, metrics)
+        preempted = guard.requested()
+        if step % t.checkpoint_every == 0 or step == end or preempted:
+          self._report(*pending, throughput)
+          pending = None
+          self.save(state, step)
+        if preempted:
+          self.checkpointer.wait()
+          self.log.info(f"{guard.signal_name or 'preemption'} received: checkpoint of step "
+                        f"{step} saved in {self.checkpointer.directory}; rerun the same "
+                        "command to resume")
+          return {"step": step, "eval": last_eval, "preempted": True}
+        if step % t.eval_every == 0 or step == t.steps:
+          last_eval = self._eval(state, step)
+        if t.geometry_every and (step % t.geometry_every == 0 or step == t.steps):
+          self._geometry(state, step)
     if pending is not None:
       self._report(*pending, throughput)
     self.checkpointer.wait()
-    return {"step": step, "eval": last_eval}
+    return {"step": step, "eval": last_eval, "preempted": False}
 
   def close(self) -> None:
     self.checkpointer.wait()
@@ -185,11 +276,13 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
   try:
+    distributed.maybe_initialize()  # before anything touches a device
     result = run(_CONFIG.value, workdir)
   except USER_ERRORS + (NonFiniteLossError,) as e:
-    logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if result["preempted"]:
+    return
   if jax.process_index() == 0:
     ev = result["eval"]
     summary = f"; held-out loss {ev['ntp']:.4f} (ppl {ev['ppl']:.2f})" if ev else ""
@@ -199,4 +292,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

@@ -177,3 +177,13 @@ def test_load_balance_loss_is_one_when_uniform():
   experts = jnp.tile(jnp.arange(e), 2)[:, None]
   r = moe.Routing(experts, jnp.ones((8, 1)), jax.nn.softmax(logits), logits)
   np.testing.assert_allclose(moe.load_balance_loss(r, e), 1.0, rtol=1e-6)
+
+
+def test_init_does_not_depend_on_target_layer_or_scanning():
+  base = small_config()
+  ref = model_lib.layer_params(model_lib.init_params(base, jax.random.key(5))["backbone"])
+  for k, scan in ((0, True), (3, True), (2, False)):
+    other = small_config(target_layer=k)
+    other.model.scan_layers = scan
+    params = model_lib.init_params(other, jax.random.key(5))
+    assert max_abs_diff(model_lib.layer_params(params["backbone"]), ref) == 0.0
