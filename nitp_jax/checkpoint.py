@@ -16,6 +16,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from nitp_jax import config as config_lib
+
 # Fields that decide parameter shapes or the data order: a checkpoint only
 # resumes under a config that agrees on all of them.
 RESUME_FIELDS = ("model", "nitp.target_layer", "nitp.projector", "nitp.projector_mult",
@@ -132,13 +134,6 @@ class Checkpointer:
     self._manager.close()
 
 
-def _lookup(cfg: ml_collections.ConfigDict, dotted: str):
-  node = cfg
-  for part in dotted.split("."):
-    node = node[part]
-  return node
-
-
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
   if isinstance(value, (dict, ml_collections.ConfigDict)):
     out = {}
@@ -153,7 +148,8 @@ def config_mismatches(saved: ml_collections.ConfigDict, current: ml_collections.
   """'field: saved -> current' for every resume-relevant field that differs."""
   diffs = []
   for field in RESUME_FIELDS:
-    a, b = _flatten(_lookup(saved, field), field), _flatten(_lookup(current, field), field)
+    a, b = (_flatten(config_lib.lookup(saved, field), field),
+            _flatten(config_lib.lookup(current, field), field))
     for key in sorted(set(a) | set(b)):
       if key not in COMPUTE_ONLY_FIELDS and a.get(key) != b.get(key):
         diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
@@ -182,5 +178,4 @@ def restore_params(workdir: str, step: int | None = None
   restored = ckpt._manager.restore(step, args=ocp.args.Composite(  # pylint: disable=protected-access
       state=ocp.args.StandardRestore()))
   ckpt.close()
-  params = jax.tree.map(lambda a: a, restored["state"]["params"])
-  return cfg, params
+  return cfg, restored["state"]["params"]

@@ -149,18 +149,19 @@ def _fail(field: str, value, allowed: str) -> None:
 
 def _positive(cfg, *fields: str) -> None:
   for f in fields:
-    v = _get(cfg, f)
+    v = lookup(cfg, f)
     if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
       _fail(f, v, "must be a positive number")
 
 
 def _choice(cfg, field: str, choices) -> None:
-  v = _get(cfg, field)
+  v = lookup(cfg, field)
   if v not in choices:
     _fail(field, v, f"must be one of {', '.join(map(str, choices))}")
 
 
-def _get(cfg, dotted: str):
+def lookup(cfg, dotted: str):
+  """cfg['a.b.c'] for a dotted field name."""
   node = cfg
   for part in dotted.split("."):
     node = node[part]
