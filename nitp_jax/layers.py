@@ -52,12 +52,16 @@ class SwiGLU(nn.Module):
     gate_DxF = param(self, "gate", (d, self.hidden), ("embed", "mlp"), self.std, self.param_dtype)
     up_DxF = param(self, "up", (d, self.hidden), ("embed", "mlp"), self.std, self.param_dtype)
     down_FxD = param(self, "down", (self.hidden, d), ("mlp", "embed"), self.std, self.param_dtype)
-    x = x_BxTxD.astype(self.dtype)
-    g_BxTxF = jnp.einsum("btd,df->btf", x, gate_DxF.astype(self.dtype))
-    u_BxTxF = jnp.einsum("btd,df->btf", x, up_DxF.astype(self.dtype))
-    h_BxTxF = nn.with_logical_constraint(nn.silu(g_BxTxF) * u_BxTxF,
-                                         ("batch", "length", "mlp"))
-    return jnp.einsum("btf,fd->btd", h_BxTxF, down_FxD.astype(self.dtype))
+    # Matmuls on [B*T, D]: XLA:CPU runs the weight gradient of a 2-D matmul
+    # about 2x faster than the same contraction over (b, t); free elsewhere.
+    b, t, _ = x_BxTxD.shape
+    x_NxD = x_BxTxD.reshape(b * t, d).astype(self.dtype)
+    g_NxF = x_NxD @ gate_DxF.astype(self.dtype)
+    u_NxF = x_NxD @ up_DxF.astype(self.dtype)
+    h_BxTxF = nn.with_logical_constraint(
+        (nn.silu(g_NxF) * u_NxF).reshape(b, t, self.hidden), ("batch", "length", "mlp"))
+    y_NxD = h_BxTxF.reshape(b * t, self.hidden) @ down_FxD.astype(self.dtype)
+    return y_NxD.reshape(b, t, d)
 
 
 def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
