@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from nitp_jax.config import ConfigError
-from nitp_jax.layers import param, rope
+from nitp_jax.layers import flat_matmul, param, rope
 
 
 def document_causal_mask(segment_ids_BxT: jax.Array) -> jax.Array:
@@ -85,9 +85,9 @@ class Attention(nn.Module):
     p = lambda name, shape, axes, std=self.std: param(
         self, name, shape, axes, std, self.param_dtype).astype(self.dtype)
     x = x_BxTxD.astype(self.dtype)
-    q_BxTxNxH = jnp.einsum("btd,dnh->btnh", x, p("q", (d, n, h), ("embed", "q_heads", "head_dim")))
-    k_BxTxKxH = jnp.einsum("btd,dkh->btkh", x, p("k", (d, k, h), ("embed", "kv_heads", "head_dim")))
-    v_BxTxKxH = jnp.einsum("btd,dkh->btkh", x, p("v", (d, k, h), ("embed", "kv_heads", "head_dim")))
+    q_BxTxNxH = flat_matmul(x, p("q", (d, n, h), ("embed", "q_heads", "head_dim")))
+    k_BxTxKxH = flat_matmul(x, p("k", (d, k, h), ("embed", "kv_heads", "head_dim")))
+    v_BxTxKxH = flat_matmul(x, p("v", (d, k, h), ("embed", "kv_heads", "head_dim")))
     if self.qkv_bias:
       q_BxTxNxH += p("q_bias", (n, h), ("q_heads", "head_dim"), 0.0)
       k_BxTxKxH += p("k_bias", (k, h), ("kv_heads", "head_dim"), 0.0)
@@ -98,4 +98,4 @@ class Attention(nn.Module):
     out_BxTxNxH = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
                          resolve_impl(self.impl, self.dtype, h))
     o_NxHxD = p("o", (n, h, d), ("q_heads", "head_dim", "embed"))
-    return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, o_NxHxD)
+    return flat_matmul(out_BxTxNxH, o_NxHxD, contract=2)

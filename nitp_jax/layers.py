@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -23,6 +24,16 @@ def param(module: nn.Module, name: str, shape: Sequence[int],
     init = nn.initializers.zeros
   return module.param(name, nn.with_logical_partitioning(init, tuple(axes)),
                       tuple(shape), param_dtype)
+
+
+def flat_matmul(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+  """Contract the last `contract` dims of x with the first of w, as one 2-D
+  matmul: x[..., *C] @ w[*C, ...] -> [..., ...]. Same as the einsum, but
+  XLA:CPU runs the weight gradient of a 2-D matmul about 2x faster than a
+  contraction over several batch-like dims (B and T); free elsewhere."""
+  lead, inner, outer = x.shape[:-contract], w.shape[:contract], w.shape[contract:]
+  y = x.reshape(math.prod(lead), math.prod(inner)) @ w.reshape(math.prod(inner), -1)
+  return y.reshape(*lead, *outer)
 
 
 class RMSNorm(nn.Module):
@@ -52,16 +63,12 @@ class SwiGLU(nn.Module):
     gate_DxF = param(self, "gate", (d, self.hidden), ("embed", "mlp"), self.std, self.param_dtype)
     up_DxF = param(self, "up", (d, self.hidden), ("embed", "mlp"), self.std, self.param_dtype)
     down_FxD = param(self, "down", (self.hidden, d), ("mlp", "embed"), self.std, self.param_dtype)
-    # Matmuls on [B*T, D]: XLA:CPU runs the weight gradient of a 2-D matmul
-    # about 2x faster than the same contraction over (b, t); free elsewhere.
-    b, t, _ = x_BxTxD.shape
-    x_NxD = x_BxTxD.reshape(b * t, d).astype(self.dtype)
-    g_NxF = x_NxD @ gate_DxF.astype(self.dtype)
-    u_NxF = x_NxD @ up_DxF.astype(self.dtype)
-    h_BxTxF = nn.with_logical_constraint(
-        (nn.silu(g_NxF) * u_NxF).reshape(b, t, self.hidden), ("batch", "length", "mlp"))
-    y_NxD = h_BxTxF.reshape(b * t, self.hidden) @ down_FxD.astype(self.dtype)
-    return y_NxD.reshape(b, t, d)
+    x = x_BxTxD.astype(self.dtype)
+    g_BxTxF = flat_matmul(x, gate_DxF.astype(self.dtype))
+    u_BxTxF = flat_matmul(x, up_DxF.astype(self.dtype))
+    h_BxTxF = nn.with_logical_constraint(nn.silu(g_BxTxF) * u_BxTxF,
+                                         ("batch", "length", "mlp"))
+    return flat_matmul(h_BxTxF, down_FxD.astype(self.dtype))
 
 
 def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from nitp_jax.attention import Attention
-from nitp_jax.layers import RMSNorm, SwiGLU, dtype, param
+from nitp_jax.layers import RMSNorm, SwiGLU, dtype, flat_matmul, param
 from nitp_jax.moe import MoE
 
 REMAT_POLICIES = {
@@ -125,8 +125,8 @@ class Transformer(nn.Module):
 
 def unembed(normed_BxTxD: jax.Array, unembed_DxV: jax.Array, compute_dtype) -> jax.Array:
   """Logits [B, T, V] in the compute dtype (also used chunk by chunk)."""
-  logits_BxTxV = jnp.einsum("btd,dv->btv", normed_BxTxD.astype(compute_dtype),
-                            unembed_DxV.astype(compute_dtype))
+  logits_BxTxV = flat_matmul(normed_BxTxD.astype(compute_dtype),
+                             unembed_DxV.astype(compute_dtype))
   return nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "vocab"))
 
 
