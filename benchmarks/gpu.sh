@@ -9,7 +9,8 @@
 # moe_1p9b-like shape, NITP overhead within 1 point of the analytic one.
 # Each benchmark prints one JSON line (also kept in $RESULTS); a summary
 # follows. Knobs: SEQ, DENSE_BATCH, MOE_BATCH, OVERHEAD_LAYERS, ATTENTION
-# (auto | cudnn | xla), DISPATCH (ragged | capacity), STEPS, ROUNDS.
+# (auto | cudnn | xla), DISPATCH (gather | capacity | ragged; ragged ran out of
+# memory for moe_1p9b on an H200 at 8 x 2048), STEPS, ROUNDS.
 set -euo pipefail
 
 cd "$(dirname "$0")"
@@ -18,7 +19,7 @@ DENSE_BATCH=${DENSE_BATCH:-4}
 MOE_BATCH=${MOE_BATCH:-8}
 OVERHEAD_LAYERS=${OVERHEAD_LAYERS:-14}  # two 3B models at once do not fit
 ATTENTION=${ATTENTION:-auto}
-DISPATCH=${DISPATCH:-ragged}
+DISPATCH=${DISPATCH:-gather}
 STEPS=${STEPS:-5}
 ROUNDS=${ROUNDS:-3}
 RESULTS=${RESULTS:-${OUT:-/tmp}/gpu_bench.jsonl}

@@ -1,5 +1,5 @@
-"""One MoE layer, forward + backward, with each dispatch (`capacity`,
-`ragged`, `dense`) against a dense SwiGLU FFN with the same active FLOPs, at
+"""One MoE layer, forward + backward, with each dispatch (`gather`,
+`capacity`, `ragged`, `dense`) against a dense SwiGLU FFN with the same active FLOPs, at
 fine-grained settings scaled down from the paper's (64 experts, top-8,
 1 shared expert, expert FFN d/2), alternating in one process.
 
@@ -9,13 +9,12 @@ Prints one JSON line; `throughput_vs_dense` is dense-FFN time / MoE time (the
 target on CPU: the best dispatch at >= 0.6). `capacity_group<G>` re-runs the
 capacity dispatch with token groups of G instead of whole sequences, since
 its one-hot dispatch/combine einsums cost O(group × experts × capacity × d);
-`capacity_gather` is the prototype in moe_gather.py (same outputs, gathers
-instead of one-hot einsums; `gather_max_abs_diff` checks it against capacity).
+`gather` fills the same slots by index (`gather_max_abs_diff` checks its
+output against capacity's).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import jax
@@ -23,10 +22,10 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import common
-import moe_gather
 from nitp_jax.layers import SwiGLU, dtype
 from nitp_jax.moe import MoE
 
+DISPATCHES = ("gather", "capacity", "ragged", "dense")
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("d_model", 256, "Model width.")
 flags.DEFINE_integer("experts", 64, "Routed experts.")
@@ -48,7 +47,7 @@ def moe_module(dispatch: str) -> MoE:
              False, 1.0, dispatch, FLAGS.capacity_factor, 0.02, cdt, jnp.float32)
 
 
-def fwd_bwd(module, params, x_BxTxD, group: int = 0, gather: bool = False):
+def fwd_bwd(module, params, x_BxTxD, group: int = 0):
   """(run, output): run() computes grads of a scalar of the layer's output
   w.r.t. params and input (jitted, traced now)."""
   def loss(p, x):
@@ -58,8 +57,7 @@ def fwd_bwd(module, params, x_BxTxD, group: int = 0, gather: bool = False):
     y = y[0] if isinstance(y, tuple) else y
     return jnp.mean(y.astype(jnp.float32) ** 2), y.reshape(x_BxTxD.shape)
   g = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
-  with moe_gather.patched() if gather else contextlib.nullcontext():
-    _, y = jax.block_until_ready(g(params, x_BxTxD))
+  _, y = jax.block_until_ready(g(params, x_BxTxD))
   return (lambda: jax.block_until_ready(g(params, x_BxTxD))), y
 
 
@@ -73,18 +71,16 @@ def main(argv) -> None:
   dense_params = dense.init(jax.random.key(2), x[:, :8])["params"]
   fns, outs = {}, {}
   fns["dense_ffn"], _ = fwd_bwd(dense, dense_params, x)
-  for dispatch in ("capacity", "ragged", "dense"):
+  for dispatch in DISPATCHES:
     fns[dispatch], outs[dispatch] = fwd_bwd(moe_module(dispatch), moe_params, x)
   if FLAGS.group and FLAGS.group < FLAGS.seq_len:
     fns[f"capacity_group{FLAGS.group}"], _ = fwd_bwd(moe_module("capacity"), moe_params, x,
                                                      FLAGS.group)
-  fns["capacity_gather"], outs["gather"] = fwd_bwd(moe_module("capacity"), moe_params, x,
-                                                   gather=True)
   times = common.alternate({n: (lambda fn=fn: [fn() for _ in range(FLAGS.reps)])
                             for n, fn in fns.items()}, FLAGS.rounds)[common.primary_clock()]
   ratio = {n: common.rnd(common.paired_ratio(times["dense_ffn"], times[n]), 3)
            for n in fns if n != "dense_ffn"}
-  library = {n: r for n, r in ratio.items() if n in ("capacity", "ragged", "dense")}
+  library = {n: r for n, r in ratio.items() if n in DISPATCHES}
   best = max(library, key=library.get)
   print(json.dumps({
       "benchmark": "moe_dispatch", **common.device_info(), "clock": common.primary_clock(),
@@ -94,7 +90,6 @@ def main(argv) -> None:
       "seconds": {n: common.rnd(common.median(t) / FLAGS.reps) for n, t in times.items()},
       "throughput_vs_dense": ratio, "best": best, "target_met": library[best] >= 0.6,
       "gather_max_abs_diff": float(jnp.max(jnp.abs(outs["gather"] - outs["capacity"]))),
-      "gather_target_met": ratio["capacity_gather"] >= 0.6,
   }))
 
 

@@ -12,7 +12,7 @@ import os
 import ml_collections
 
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")  # auto: cudnn on GPU in bf16/fp16, else xla
-DISPATCHES = ("capacity", "ragged", "dense")
+DISPATCHES = ("gather", "capacity", "ragged", "dense")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 NITP_LOSSES = ("cosine", "mse", "smooth_l1", "kl")
@@ -61,7 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
   e.shared_expert_ffn = 256
   e.renormalize = False         # renormalise the top-k softmax weights to 1
   e.routed_scaling = 1.0
-  e.dispatch = "capacity"
+  e.dispatch = "gather"         # capacity slots by index; "capacity": the same slots by
+                                # one-hot einsums (TPU); "ragged": dropless; "dense": reference
   e.capacity_factor = 1.25
   e.aux_loss_weight = 0.01      # load balancing
   e.z_loss_weight = 0.0         # router z-loss

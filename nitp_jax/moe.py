@@ -2,9 +2,11 @@
 always-on shared experts, and three dispatch implementations that agree
 where they overlap:
 
-  capacity  einsum dispatch/combine per sequence with a capacity factor
-            (tokens over capacity are dropped and counted); CPU default,
-            GSPMD shards the expert axis.
+  capacity  one-hot einsum dispatch/combine per sequence with a capacity
+            factor (tokens over capacity are dropped and counted); GSPMD
+            shards the expert axis (all-to-alls). Matrix-unit friendly (TPU).
+  gather    the same slots, drops and outputs as capacity, moved by index
+            gathers instead of one-hot einsums; the fastest path on CPU.
   ragged    dropless: token copies sorted by expert, `jax.lax.ragged_dot`;
             with experts sharded over the mesh's "expert" axis it runs under
             shard_map (all-gather tokens, local experts, reduce-scatter).
@@ -73,36 +75,82 @@ def capacity(tokens_per_group: int, top_k: int, num_experts: int, factor: float)
   return max(1, math.ceil(factor * tokens_per_group * top_k / num_experts))
 
 
-def dispatch_capacity(x_GxSxD, r: Routing, w, num_experts: int, factor: float):
-  """Einsum dispatch within groups (sequences); returns (y, dropped fraction).
+def _choice_major_slots(r: Routing, g: int, s: int, num_experts: int, c: int):
+  """Each token copy's slot in its expert's buffer, within groups of s tokens.
 
-  Slots are filled choice-major: every token's first choice before any
-  token's second, so drops hit the lowest-priority choices first.
+  Copies are ordered choice-major (every token's first choice before any
+  token's second), so drops hit the lowest-priority choices first. Returns
+  [G, K*S] arrays: expert, weight, slot, and whether the slot is < c (kept).
+  """
+  k = r.experts_NxK.shape[-1]
+  experts_GxKS = r.experts_NxK.reshape(g, s, k).transpose(0, 2, 1).reshape(g, k * s)
+  weights_GxKS = r.weights_NxK.reshape(g, s, k).transpose(0, 2, 1).reshape(g, k * s)
+  onehot_GxKSxE = jax.nn.one_hot(experts_GxKS, num_experts, dtype=jnp.int32)
+  slot_GxKS = jnp.sum(jnp.cumsum(onehot_GxKSxE, axis=1) * onehot_GxKSxE, axis=-1) - 1
+  return experts_GxKS, weights_GxKS, slot_GxKS, slot_GxKS < c
+
+
+def _experts_on_buffers(x_GxExCxD, w, num_experts: int):
+  """The expert FFNs on [G, E, C, D] slot buffers. Experts go over the
+  "expert" mesh axis and groups over the other batch axes: GSPMD turns the
+  change from batch- to expert-sharding into all-to-alls."""
+  g, _, c, d = x_GxExCxD.shape
+  x_ExGxCxD = nn.with_logical_constraint(x_GxExCxD.transpose(1, 0, 2, 3),
+                                         ("expert", "expert_batch", None, None))
+  y_ExGxCxD = _expert_ffn(x_ExGxCxD.reshape(num_experts, g * c, d), *w).reshape(
+      num_experts, g, c, d)
+  y_ExGxCxD = nn.with_logical_constraint(y_ExGxCxD, ("expert", "expert_batch", None, None))
+  return y_ExGxCxD.transpose(1, 0, 2, 3)
+
+
+def dispatch_capacity(x_GxSxD, r: Routing, w, num_experts: int, factor: float):
+  """One-hot einsum dispatch within groups (sequences), capacity-limited;
+  returns (y, dropped fraction). Costs O(S·E·C·D) FLOPs per group, which
+  TPUs' matrix units absorb; `dispatch_gather` moves the same data by index.
   """
   g, s, _ = x_GxSxD.shape
   k = r.experts_NxK.shape[-1]
   c = capacity(s, k, num_experts, factor)
-  experts_GxKxS = r.experts_NxK.reshape(g, s, k).transpose(0, 2, 1)
-  weights_GxKxS = r.weights_NxK.reshape(g, s, k).transpose(0, 2, 1)
-  onehot_GxKSxE = jax.nn.one_hot(experts_GxKxS.reshape(g, k * s), num_experts, dtype=jnp.int32)
-  slot_GxKSxE = jnp.cumsum(onehot_GxKSxE, axis=1) * onehot_GxKSxE - 1
-  keep_GxKSxE = (slot_GxKSxE >= 0) & (slot_GxKSxE < c)
-  slot_GxKxS = jnp.sum(jnp.where(keep_GxKSxE, slot_GxKSxE, 0), axis=-1).reshape(g, k, s)
-  keep_GxKxSxE = keep_GxKSxE.reshape(g, k, s, num_experts).astype(x_GxSxD.dtype)
-  slot_GxKxSxC = jax.nn.one_hot(slot_GxKxS, c, dtype=x_GxSxD.dtype)
+  experts_GxKS, weights_GxKS, slot_GxKS, keep_GxKS = _choice_major_slots(
+      r, g, s, num_experts, c)
+  cdt = x_GxSxD.dtype
+  keep_GxKxSxE = (jax.nn.one_hot(experts_GxKS, num_experts, dtype=cdt)
+                  * keep_GxKS[..., None].astype(cdt)).reshape(g, k, s, num_experts)
+  slot_GxKxSxC = jax.nn.one_hot(slot_GxKS, c, dtype=cdt).reshape(g, k, s, c)
   dispatch_GxSxExC = jnp.einsum("gkse,gksc->gsec", keep_GxKxSxE, slot_GxKxSxC)
   combine_GxSxExC = jnp.einsum("gkse,gksc,gks->gsec", keep_GxKxSxE, slot_GxKxSxC,
-                               weights_GxKxS.astype(x_GxSxD.dtype))
-  # Experts over the "expert" axis, token groups over the other batch axes:
-  # GSPMD turns the change from batch- to expert-sharding into all-to-alls.
-  x_ExGxCxD = jnp.einsum("gsec,gsd->egcd", dispatch_GxSxExC, x_GxSxD)
-  x_ExGxCxD = nn.with_logical_constraint(x_ExGxCxD, ("expert", "expert_batch", None, None))
-  y_ExGxCxD = _expert_ffn(x_ExGxCxD.reshape(num_experts, g * c, -1), *w).reshape(
-      num_experts, g, c, -1)
-  y_ExGxCxD = nn.with_logical_constraint(y_ExGxCxD, ("expert", "expert_batch", None, None))
-  y_GxSxD = jnp.einsum("gsec,egcd->gsd", combine_GxSxExC, y_ExGxCxD)
-  dropped = (g * s * k - jnp.sum(keep_GxKSxE, dtype=jnp.int32)) / (g * s * k)
-  return y_GxSxD, dropped
+                               weights_GxKS.reshape(g, k, s).astype(cdt))
+  x_GxExCxD = jnp.einsum("gsec,gsd->gecd", dispatch_GxSxExC, x_GxSxD)
+  y_GxExCxD = _experts_on_buffers(x_GxExCxD, w, num_experts)
+  y_GxSxD = jnp.einsum("gsec,gecd->gsd", combine_GxSxExC, y_GxExCxD)
+  return y_GxSxD, jnp.mean(~keep_GxKS, dtype=jnp.float32)
+
+
+def dispatch_gather(x_GxSxD, r: Routing, w, num_experts: int, factor: float):
+  """`dispatch_capacity` by index: the same slots, drops and outputs, but
+  each slot buffer row is gathered from its token and each token copy
+  gathered back from its slot, O(S·K·D) data movement per group instead of
+  O(S·E·C·D) FLOPs. Faster on CPU (and where gathers are cheap)."""
+  g, s, d = x_GxSxD.shape
+  k = r.experts_NxK.shape[-1]
+  c = capacity(s, k, num_experts, factor)
+  experts_GxKS, weights_GxKS, slot_GxKS, keep_GxKS = _choice_major_slots(
+      r, g, s, num_experts, c)
+  # Flat slot index of every copy; dropped copies point one past the end.
+  dest_GxKS = jnp.where(keep_GxKS, experts_GxKS * c + slot_GxKS, num_experts * c)
+  token_KS = jnp.tile(jnp.arange(s, dtype=jnp.int32), k)
+
+  def buffer_sources(dest_KS):  # the token in each slot; s (out of range) = empty
+    return jnp.full((num_experts * c,), s, jnp.int32).at[dest_KS].set(token_KS, mode="drop")
+
+  src_GxEC = jax.vmap(buffer_sources)(dest_GxKS)
+  take = jax.vmap(lambda a, i: a.at[i].get(mode="fill", fill_value=0))
+  x_GxExCxD = take(x_GxSxD, src_GxEC).reshape(g, num_experts, c, d)
+  y_GxExCxD = _experts_on_buffers(x_GxExCxD, w, num_experts)
+  y_GxKSxD = take(y_GxExCxD.reshape(g, num_experts * c, d), dest_GxKS)
+  y_GxKSxD *= weights_GxKS[..., None].astype(y_GxKSxD.dtype)
+  y_GxSxD = jnp.sum(y_GxKSxD.reshape(g, k, s, d), axis=1)
+  return y_GxSxD, jnp.mean(~keep_GxKS, dtype=jnp.float32)
 
 
 def dispatch_ragged(x_NxD, r: Routing, w, num_experts: int):
@@ -197,6 +245,8 @@ class MoE(nn.Module):
     r = route(logits_NxE, self.top_k, self.renormalize, self.routed_scaling)
     if self.dispatch == "capacity":
       y, dropped = dispatch_capacity(x, r, w, e, self.capacity_factor)
+    elif self.dispatch == "gather":
+      y, dropped = dispatch_gather(x, r, w, e, self.capacity_factor)
     elif self.dispatch == "ragged" and expert_shards() > 1:
       y, dropped = dispatch_ragged_sharded(x_NxD, r, w, e)
     elif self.dispatch == "ragged":

@@ -123,25 +123,33 @@ def test_moe_dispatches_agree():
   import flax.linen as nn
   params = nn.unbox(_moe_layer("dense").init(jax.random.key(2), x))
   outs, grads = {}, {}
-  for dispatch in ("dense", "capacity", "ragged"):
+  for dispatch in ("dense", "capacity", "gather", "ragged"):
     layer = _moe_layer(dispatch)
     f = lambda p, xx: jnp.sum(jnp.sin(layer.apply(p, xx)[0]))
     outs[dispatch], aux = jax.jit(lambda p: layer.apply(p, x))(params)
     assert float(aux["dropped_fraction"]) == 0.0
     grads[dispatch] = jax.jit(jax.grad(f, argnums=(0, 1)))(params, x)
-  for dispatch in ("capacity", "ragged"):
+  for dispatch in ("capacity", "gather", "ragged"):
     np.testing.assert_allclose(outs[dispatch], outs["dense"], atol=1e-5)
     assert max_abs_diff(grads[dispatch], grads["dense"]) < 1e-4
 
 
-def test_capacity_drops_are_counted():
+def test_capacity_drops_are_counted_and_gather_drops_the_same():
   x = jax.random.normal(jax.random.key(1), (2, 12, 32))
   import flax.linen as nn
-  layer = _moe_layer("capacity", capacity_factor=0.25)
-  params = nn.unbox(layer.init(jax.random.key(2), x))
-  _, aux = layer.apply(params, x)
+  params = nn.unbox(_moe_layer("capacity").init(jax.random.key(2), x))
+  outs, grads, dropped = {}, {}, {}
+  for dispatch in ("capacity", "gather"):
+    layer = _moe_layer(dispatch, capacity_factor=0.25)
+    f = lambda p, xx: jnp.sum(jnp.sin(layer.apply(p, xx)[0]))
+    outs[dispatch], aux = jax.jit(lambda p: layer.apply(p, x))(params)
+    dropped[dispatch] = float(aux["dropped_fraction"])
+    grads[dispatch] = jax.jit(jax.grad(f, argnums=(0, 1)))(params, x)
   c = moe.capacity(12, 3, 8, 0.25)
-  assert 0.0 < float(aux["dropped_fraction"]) <= 1.0 - 8 * c / (12 * 3) + 1e-6
+  assert 0.0 < dropped["capacity"] <= 1.0 - 8 * c / (12 * 3) + 1e-6
+  assert dropped["gather"] == dropped["capacity"]
+  np.testing.assert_allclose(outs["gather"], outs["capacity"], atol=1e-5)
+  assert max_abs_diff(grads["gather"], grads["capacity"]) < 1e-4
 
 
 def test_renormalised_topk_weights_sum_to_one():

@@ -1,7 +1,7 @@
 """Sharding: the rules give the intended parameter layout, meshes are built as
 configured, and on 8 simulated CPU devices one sharded training step equals
 the single-device step (dense over data×fsdp×tensor; MoE with experts split
-over `expert`, capacity and ragged dispatch).
+over `expert`, gather, capacity and ragged dispatch).
 
 The multi-device checks run once, in a subprocess (`python -m
 tests.test_sharding`) with XLA_FLAGS=--xla_force_host_platform_device_count=8,
@@ -148,7 +148,7 @@ def eight_devices() -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", ["dense", "moe_capacity", "moe_ragged"])
+@pytest.mark.parametrize("case", ["dense", "moe_gather", "moe_capacity", "moe_ragged"])
 def test_sharded_step_matches_single_device(eight_devices, case):
   r = eight_devices[case]
   assert r["devices"] == 8, r
@@ -166,9 +166,10 @@ def test_sharded_layouts(eight_devices):
   assert moe["embed_spec"] == [["tensor"], ["fsdp", "expert"]]
   assert moe["expert_gate_spec"] == [[], ["expert"], ["fsdp"], ["tensor"]]
   # The activation constraints are in the program, and GSPMD moves tokens
-  # to their experts with all-to-alls.
+  # to their experts with all-to-alls, whether the slots are filled by
+  # one-hot einsums or by gathers.
   assert dense["constraints"] > 0 and moe["constraints"] > 0
-  assert moe["all_to_all"] > 0
+  assert moe["all_to_all"] > 0 and eight_devices["moe_gather"]["all_to_all"] > 0
 
 
 def test_mesh_checks_name_the_problem(eight_devices):
@@ -321,10 +322,11 @@ def main() -> None:
   dense.model.vocab_size = 96  # divisible by tensor=2
   results["dense"], _ = _compare(dense, dict(data=2, fsdp=2, tensor=2, expert=1))
   layout = dict(data=1, fsdp=2, tensor=2, expert=2)
-  results["moe_capacity"], reference = _compare(_moe_config(), layout)
-  ragged = _moe_config()
-  ragged.model.moe.dispatch = "ragged"
-  results["moe_ragged"], _ = _compare(ragged, layout, reference)
+  reference = None
+  for dispatch in ("gather", "capacity", "ragged"):
+    cfg = _moe_config()
+    cfg.model.moe.dispatch = dispatch
+    results[f"moe_{dispatch}"], reference = _compare(cfg, layout, reference)
   small = small_config()
   small.train.global_batch = 6
   results["errors"] = {
