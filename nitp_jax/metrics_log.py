@@ -68,6 +68,7 @@ class MetricsLog:
     not checkpointed are run (and logged) again, once."""
     if not self.enabled:
       return
+    self._tb.restart_at(step + 1)
     self._jsonl.close()
     with open(self.path, encoding="utf-8") as f:
       kept = [line for line in f if _step_of(line) <= step]

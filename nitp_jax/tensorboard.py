@@ -55,12 +55,19 @@ def _length_delimited(number: int, payload: bytes) -> bytes:
   return _field(number, 2, _varint(len(payload)) + payload)
 
 
+SESSION_START = 1  # SessionLog.SessionStatus.START
+
+
 def encode_event(wall_time: float, step: int, *, file_version: str | None = None,
-                 scalars: dict[str, float] | None = None) -> bytes:
-  """Event{wall_time=1 (double), step=2 (int64), file_version=3, summary=5}."""
+                 scalars: dict[str, float] | None = None,
+                 session_status: int | None = None) -> bytes:
+  """Event{wall_time=1 (double), step=2 (int64), file_version=3, summary=5,
+  session_log=7 {status=1}}."""
   out = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
   if file_version is not None:
     out += _length_delimited(3, file_version.encode())
+  if session_status is not None:
+    out += _length_delimited(7, _field(1, 0, _varint(session_status)))
   if scalars:
     values = b"".join(
         _length_delimited(1, _length_delimited(1, tag.encode())
@@ -91,6 +98,13 @@ class SummaryWriter:
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     self._write(encode_event(time.time(), step, scalars=values))
+    self._file.flush()
+
+  def restart_at(self, step: int) -> None:
+    """A SessionLog START at `step`: TensorBoard drops the points at `step`
+    and later written before it (by a run that is now resumed from an
+    earlier checkpoint), so re-run steps do not show twice."""
+    self._write(encode_event(time.time(), step, session_status=SESSION_START))
     self._file.flush()
 
   def close(self) -> None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import glob
+import os
+import struct
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nitp_jax import config as config_lib
+from nitp_jax import tensorboard
 
 
 def small_config(moe: bool = False, **nitp):
@@ -46,3 +51,66 @@ def packed_batch(b: int = 2, t: int = 16, vocab: int = 97, seed: int = 0) -> dic
 def max_abs_diff(a, b) -> float:
   return max(float(jnp.max(jnp.abs(x - y)))
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# ---- TensorBoard event files, read back independently of the writer ----
+
+def read_event_records(path: str) -> list[bytes]:
+  """The payloads of an event file, checking both CRCs of every record."""
+  with open(path, "rb") as f:
+    data = f.read()
+  events, i = [], 0
+  while i < len(data):
+    header = data[i:i + 8]
+    (length,) = struct.unpack("<Q", header)
+    assert struct.unpack("<I", data[i + 8:i + 12])[0] == tensorboard.masked_crc(header)
+    payload = data[i + 12:i + 12 + length]
+    assert struct.unpack("<I", data[i + 12 + length:i + 16 + length])[0] == \
+        tensorboard.masked_crc(payload)
+    events.append(payload)
+    i += 16 + length
+  return events
+
+
+def _proto_fields(data: bytes) -> list[tuple[int, int | bytes]]:
+  """(field number, value) pairs of a protobuf message (wire types 0/1/2/5)."""
+  def varint(i):
+    n = shift = 0
+    while True:
+      n |= (data[i] & 0x7F) << shift
+      shift += 7
+      i += 1
+      if not data[i - 1] & 0x80:
+        return n, i
+  out, i = [], 0
+  while i < len(data):
+    key, i = varint(i)
+    number, wire = key >> 3, key & 7
+    if wire == 0:
+      value, i = varint(i)
+    elif wire in (1, 5):
+      size = 8 if wire == 1 else 4
+      value, i = data[i:i + size], i + size
+    else:
+      size, i = varint(i)
+      value, i = data[i:i + size], i + size
+    out.append((number, value))
+  return out
+
+
+def tensorboard_view(logdir: str, tag: str) -> list[tuple[int, float]]:
+  """The (step, value) points TensorBoard shows for `tag`: event files in
+  name order, and a SessionLog START at step s drops earlier points at s or
+  later (TensorBoard's purge of orphaned data after a restart)."""
+  points = []
+  for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+    for payload in read_event_records(path):
+      fields = dict(_proto_fields(payload))
+      step = fields.get(2, 0)
+      if 7 in fields and dict(_proto_fields(fields[7])).get(1) == tensorboard.SESSION_START:
+        points = [p for p in points if p[0] < step]
+      for number, value in _proto_fields(fields.get(5, b"")):
+        entry = dict(_proto_fields(value)) if number == 1 else {}
+        if entry.get(1) == tag.encode():
+          points.append((step, struct.unpack("<f", entry[2])[0]))
+  return points

@@ -20,7 +20,7 @@ from nitp_jax import optim
 from nitp_jax import step as step_lib
 from nitp_jax import train
 from tests.conftest import train_config
-from tests.helpers import max_abs_diff
+from tests.helpers import max_abs_diff, tensorboard_view
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
@@ -112,6 +112,10 @@ def test_kills_and_sigterm_resume_bitwise(config_file, tmp_path):
   assert [r["step"] for r in b] == list(range(1, STEPS + 1))
   for key in ("loss", "ntp", "nitp", "grad_norm", "lr"):
     assert [r[key] for r in a] == [r[key] for r in b], key
+  # TensorBoard, too, shows each step once, with the values of the run that
+  # completed it.
+  shown = tensorboard_view(os.path.join(parts, "tensorboard"), "train/loss")
+  assert shown == [(r["step"], np.float32(r["loss"])) for r in b]
   _, pa = ckpt_lib.restore_params(whole)
   _, pb = ckpt_lib.restore_params(parts)
   assert max_abs_diff(pa, pb) == 0.0

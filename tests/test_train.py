@@ -18,7 +18,7 @@ from nitp_jax import step as step_lib
 from nitp_jax import tensorboard
 from nitp_jax import train
 from tests.conftest import train_config
-from tests.helpers import max_abs_diff
+from tests.helpers import max_abs_diff, read_event_records, tensorboard_view
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,33 +64,28 @@ def test_resume_refuses_a_different_model(prepared_dir, tmp_path):
     train.run(other, str(tmp_path))
 
 
-def _read_events(path):
-  """Parse an event file, checking both CRCs of every record."""
-  events = []
-  with open(path, "rb") as f:
-    data = f.read()
-  i = 0
-  while i < len(data):
-    header = data[i:i + 8]
-    (length,) = struct.unpack("<Q", header)
-    assert struct.unpack("<I", data[i + 8:i + 12])[0] == tensorboard.masked_crc(header)
-    payload = data[i + 12:i + 12 + length]
-    assert struct.unpack("<I", data[i + 12 + length:i + 16 + length])[0] == \
-        tensorboard.masked_crc(payload)
-    events.append(payload)
-    i += 16 + length
-  return events
-
-
 def test_tensorboard_events_are_valid(tmp_path):
   assert tensorboard.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
   w = tensorboard.SummaryWriter(str(tmp_path))
   w.scalars(7, {"train/loss": 1.5})
   w.close()
-  events = _read_events(w.path)
+  events = read_event_records(w.path)
   assert len(events) == 2 and b"brain.Event:2" in events[0]
   assert b"train/loss" in events[1] and struct.pack("<f", 1.5) in events[1]
   assert b"\x10\x07" in events[1]  # field 2 (step) = 7
+  assert tensorboard_view(str(tmp_path), "train/loss") == [(7, 1.5)]
+
+
+def test_tensorboard_restart_drops_the_steps_that_are_run_again(tmp_path):
+  first = tensorboard.SummaryWriter(str(tmp_path))
+  for step in (1, 2, 3):  # a run killed after step 3, last checkpoint at 2
+    first.scalars(step, {"train/loss": float(step)})
+  first.close()
+  resumed = tensorboard.SummaryWriter(str(tmp_path))
+  resumed.restart_at(3)
+  resumed.scalars(3, {"train/loss": 30.0})
+  resumed.close()
+  assert tensorboard_view(str(tmp_path), "train/loss") == [(1, 1.0), (2, 2.0), (3, 30.0)]
 
 
 def test_wsd_schedule_shape():
