@@ -167,6 +167,12 @@ def paired_ratio(a: list[float], b: list[float]) -> float:
   return statistics.median(x / y for x, y in zip(a, b))
 
 
+def paired_ratio_quartiles(a: list[float], b: list[float]) -> tuple[float, float]:
+  """First and third quartiles over rounds of a[i] / b[i]: the noise."""
+  q1, _, q3 = statistics.quantiles([x / y for x, y in zip(a, b)], n=4)
+  return q1, q3
+
+
 def device_info() -> dict:
   d = jax.devices()[0]
   return {"backend": jax.default_backend(), "device_kind": d.device_kind,
