@@ -1,7 +1,7 @@
 """One MoE layer, forward + backward, with each dispatch (`gather`,
-`capacity`, `ragged`, `dense`) against a dense SwiGLU FFN with the same active FLOPs, at
-fine-grained settings scaled down from the paper's (64 experts, top-8,
-1 shared expert, expert FFN d/2), alternating in one process.
+`capacity`, `ragged`, `dense`) against a dense SwiGLU FFN with the same
+active FLOPs, at fine-grained settings scaled down from the paper's (64
+experts, top-8, 1 shared expert, expert FFN d/2), alternating in one process.
 
   python benchmarks/moe_dispatch.py            # CPU, ~1-2 min
 

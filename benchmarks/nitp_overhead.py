@@ -2,13 +2,14 @@
 NTP (λ = 0) on the same config and batch, alternating in one process, next to
 the analytic FLOPs ratio from nitp_jax/flops.py.
 
-  python benchmarks/nitp_overhead.py                      # CPU, ~2 min
+  python benchmarks/nitp_overhead.py                      # CPU, ~2-3 min
   python benchmarks/nitp_overhead.py --preset=dense_3b --dtype=bfloat16 \
       --seq_len=4096 --batch=4 --layers=0 --steps=5 --rounds=5   # one GPU
 
 Prints one JSON line, with the quartiles of the per-round overheads (on a
-shared 2-core CPU they span a few points). The default preset (d=256, 8 layers, vocab 32k) has an
-analytic overhead under 5%, like the paper's models (≈2%).
+shared 2-core CPU they span a few points). The default preset (d=256,
+8 layers, vocab 32k) has an analytic overhead under 5%, like the paper's
+models (≈2%).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """DeepSeek-V2-style MoE FFN: softmax top-k router, routed SwiGLU experts,
-always-on shared experts, and three dispatch implementations that agree
+always-on shared experts, and four dispatch implementations that agree
 where they overlap:
 
   capacity  one-hot einsum dispatch/combine per sequence with a capacity
