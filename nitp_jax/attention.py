@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nitp_jax.config import ConfigError
+from nitp_jax.errors import ConfigError
 from nitp_jax.layers import flat_matmul, param, rope
 
 

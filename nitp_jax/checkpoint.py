@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from nitp_jax import config as config_lib
+from nitp_jax.errors import CheckpointError
 
 # Fields that decide parameter shapes or the data order: a checkpoint only
 # resumes under a config that agrees on all of them.
@@ -29,10 +30,6 @@ RESUME_FIELDS = ("model", "nitp.target_layer", "nitp.projector", "nitp.projector
 COMPUTE_ONLY_FIELDS = frozenset({"model.attention_impl", "model.remat_policy",
                                  "model.ce_chunk", "model.compute_dtype",
                                  "model.moe.dispatch", "model.moe.capacity_factor"})
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be used; the message says why and what to do."""
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -1,39 +1,64 @@
-"""Command-line plumbing shared by the entry points: flag parsing that turns
-a bad config file or override into one readable line instead of a traceback."""
+"""What every `python -m nitp_jax.X` shares: flags parsed into one readable
+line on error, quiet library logs, and one exit path for user errors.
+
+Library modules define no flags. An entry point ends with
+
+  if __name__ == "__main__":
+    cli.run_main(main, define_flags, usage="--config=FILE ...")
+
+so its flags exist only when it runs as a program.
+"""
 
 from __future__ import annotations
 
-import sys
+import functools
+from typing import Callable
 
-from absl import flags
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-_NOISE = ("Traceback", "File ", "raise ", "^", "The above exception", "During handling",
-          "Pass --helpshort")
-
-
-def one_line(error: BaseException) -> str:
-  """The informative lines of an exception (frames and carets dropped)."""
-  lines = [l.strip() for l in str(error).splitlines()]
-  lines = [l for l in lines if l and not l.startswith(_NOISE)]
-  text = " ".join(dict.fromkeys(lines)) or type(error).__name__
-  return text.replace("\\n", " ").replace("\\'", "'")
+from nitp_jax import errors
 
 
-def parse_flags_or_exit(argv: list[str], config_flag: str = "config") -> list[str]:
-  """absl flags_parser: parse, load the config file with its overrides, and
-  exit(2) with `error: ...` if any of it fails."""
+def define_config_flag(help_text: str, lock_config: bool = False) -> None:
+  """--config=configs/x.py[:variant] with --config.a.b=value overrides."""
+  config_flags.DEFINE_config_file("config", None, help_text, lock_config=lock_config)
+
+
+def parse_flags_or_exit(argv: list[str], usage: str) -> list[str]:
+  """absl flags_parser: parse the flags, load the config file (if the program
+  has --config) with its overrides, and exit(2) with one line if any fails."""
   try:
     rest = flags.FLAGS(argv)
-    flags.FLAGS[config_flag].value.keys()  # a config that failed to load raises here
   except flags.Error as e:
-    if "must have a value other than None" in str(e):
-      raise
-    _exit(f"bad flag: {one_line(e)}")
-  except Exception as e:  # pylint: disable=broad-except
-    _exit(f"could not load --{config_flag}: {type(e).__name__}: {one_line(e)}")
+    message = errors.one_line(e)
+    if "must have a value other than None" in message:
+      name = message.split("--", 1)[1].split("=", 1)[0].split(" ", 1)[0]
+      errors.exit_with(f"--{name} is required: use {usage}")
+    errors.exit_with(f"bad flag: {message}")
+  if "config" in flags.FLAGS:
+    try:
+      flags.FLAGS["config"].value.keys()  # a config that failed to load raises here
+    except Exception as e:  # pylint: disable=broad-except
+      errors.exit_with(f"could not load --config: {type(e).__name__}: {errors.one_line(e)}")
   return rest
 
 
-def _exit(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+def run_main(main: Callable[[list[str]], None], define_flags: Callable[[], None], usage: str,
+             positional: bool = False) -> None:
+  """Define the program's flags, parse them, and run `main`; a UserError (or
+  an unexpected positional argument, unless `positional`) ends the program
+  with `error: <one line>` and exit status 2."""
+  define_flags()
+
+  def guarded(argv: list[str]) -> None:
+    if len(argv) > 1 and not positional:
+      errors.exit_with(f"unexpected argument(s) {' '.join(argv[1:])!r}: use {usage}")
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
+    try:
+      main(argv)
+    except errors.UserError as e:
+      errors.exit_with(errors.one_line(e))
+
+  app.run(guarded, flags_parser=functools.partial(parse_flags_or_exit, usage=usage))

@@ -11,6 +11,8 @@ import os
 
 import ml_collections
 
+from nitp_jax.errors import ConfigError
+
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")  # auto: cudnn on GPU in bf16/fp16, else xla
 DISPATCHES = ("gather", "capacity", "ragged", "dense")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -20,10 +22,6 @@ NITP_VARIANTS = ("nitp", "cosine_regularizer")
 PROJECTORS = ("swiglu", "none")
 HIDDEN_SOURCES = ("after_norm", "before_norm")
 SCHEDULES = ("wsd", "wsd_exp")
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names field, value, fix."""
 
 
 def base_config() -> ml_collections.ConfigDict:

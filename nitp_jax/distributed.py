@@ -26,6 +26,8 @@ from typing import Mapping
 import jax
 from absl import flags
 
+from nitp_jax.errors import LaunchError
+
 DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Multi-host start-up: auto (detect SLURM / TPU pod / the flags below), "
@@ -38,10 +40,6 @@ PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "Rank of this process (0 .. num_processes-1) in a manual launch.")
 
 SLURM_BASE_PORT = 61440
-
-
-class LaunchError(ValueError):
-  """Inconsistent multi-process settings; the message says what to pass."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,23 +7,22 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from nitp_jax import cli
 from nitp_jax import config as config_lib
 from nitp_jax import flops
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
-                                          lock_config=True)
 
-
-def main(argv) -> None:
+def main(argv: list[str]) -> None:
   del argv
-  cfg = config_lib.validate(_CONFIG.value)
-  print(json.dumps(flops.report(cfg)))
+  print(json.dumps(flops.report(config_lib.validate(flags.FLAGS.config))))
+
+
+def define_flags() -> None:
+  cli.define_config_flag("Config file (configs/*.py).", lock_config=True)
+  flags.mark_flags_as_required(["config"])
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main, flags_parser=cli.parse_flags_or_exit)
+  cli.run_main(main, define_flags, usage="--config=configs/moe_9b.py")

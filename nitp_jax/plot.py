@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Sequence
 
 import matplotlib
@@ -21,6 +20,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
+
+from absl import flags  # pylint: disable=wrong-import-position
+
+from nitp_jax import cli  # pylint: disable=wrong-import-position
+from nitp_jax.errors import PlotError  # pylint: disable=wrong-import-position
 
 Series = tuple[np.ndarray, np.ndarray]
 # (record kind, key, title, y label, smooth)
@@ -32,10 +36,6 @@ PANELS = (
     ("probe", "cos_last", "Mean pairwise cosine of last hidden states",
      "mean cosine (held-out probe)", False),
 )
-
-
-class PlotError(ValueError):
-  """A run directory that cannot be plotted; the message says why."""
 
 
 def read_records(run_dir: str) -> list[dict]:
@@ -128,21 +128,16 @@ def plot_runs(run_dirs: Sequence[str], out_path: str, title: str | None = None) 
 
 
 def main(argv: list[str]) -> None:
-  from absl import flags  # pylint: disable=import-outside-toplevel
   try:
     out = plot_runs(argv[1:], flags.FLAGS.out)
-  except (PlotError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except OSError as e:
+    raise PlotError(str(e)) from e
   print(f"wrote {out}")
 
 
-def _define_flags() -> None:
-  from absl import flags  # pylint: disable=import-outside-toplevel
+def define_flags() -> None:
   flags.DEFINE_string("out", None, "Output PNG file.", required=True)
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=import-outside-toplevel
-  _define_flags()
-  app.run(main)
+  cli.run_main(main, define_flags, usage="RUN_DIR [RUN_DIR ...] --out=FILE.png", positional=True)

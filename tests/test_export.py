@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import nitp_jax
+from nitp_jax import checkpoint as ckpt_lib
 from nitp_jax import model as model_lib
 from nitp_jax.export import hf
 from tests.helpers import small_config
@@ -254,7 +255,7 @@ def test_export_from_workdir_uses_checkpoint_and_run_tokenizer(sp_model, tmp_pat
   os.makedirs(workdir / "data")
   with open(sp_model, "rb") as a, open(workdir / "data" / hf.TOKENIZER, "wb") as b:
     b.write(a.read())
-  cfg2, params2 = hf.load_params_from_workdir(str(workdir), 7)
+  cfg2, params2 = ckpt_lib.restore_params(str(workdir), 7)
   out = hf.export_from_params(params2, cfg2, str(tmp_path / "hf"), str(workdir))
   assert calls == [(str(workdir), 7)]
   assert sorted(os.listdir(out)) == sorted([hf.CONFIG, hf.WEIGHTS, hf.TOKENIZER,

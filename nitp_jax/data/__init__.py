@@ -8,4 +8,4 @@
 Kept import-light: import the submodule you need.
 """
 
-from nitp_jax.data.corpus import DataError  # noqa: F401
+from nitp_jax.errors import DataError  # noqa: F401

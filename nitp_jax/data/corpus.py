@@ -19,15 +19,13 @@ import sys
 import sysconfig
 from typing import Iterator
 
+from nitp_jax.errors import DataError
+
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
 DIRECTORY_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
 DEFAULT_NAME = "default"
 _EXCLUDED_STDLIB_DIRS = {"site-packages", "dist-packages", "__pycache__"}
-
-
-class DataError(ValueError):
-  """Bad data or data settings; the message says what is wrong and the fix."""
 
 
 class _BadFile(Exception):

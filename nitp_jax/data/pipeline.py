@@ -38,7 +38,7 @@ import grain
 import numpy as np
 from grain import experimental as grain_exp
 
-from nitp_jax.data.corpus import DataError
+from nitp_jax.errors import DataError
 from nitp_jax.data.prepare import load_manifest, shard_paths
 
 Batch = dict[str, np.ndarray]

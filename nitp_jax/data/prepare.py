@@ -22,14 +22,17 @@ import time
 from typing import Any, Iterator
 
 import numpy as np
+from absl import flags
 from array_record.python import array_record_module
 
+from nitp_jax import cli
+
 from nitp_jax.data import tokenizer as tok_lib
-from nitp_jax.data.corpus import Corpus, DataError, open_corpus
+from nitp_jax.data.corpus import Corpus, open_corpus
+from nitp_jax.errors import DataError
+from nitp_jax.layout import MANIFEST, TOKENIZER, write_json
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-TOKENIZER = "tokenizer.model"
 SPLITS = ("train", "validation")
 SHARD_TOKENS = 1 << 26          # 256 MB of int32 per shard
 CHUNK_CHARS = 4_000_000         # characters tokenized per batch call
@@ -103,7 +106,7 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
       },
       "seconds": round(time.time() - start, 3),
   }
-  _write_json(os.path.join(output_dir, MANIFEST), manifest)
+  write_json(os.path.join(output_dir, MANIFEST), manifest)
   return manifest
 
 
@@ -258,16 +261,8 @@ def _write_shards(corpus: Corpus, tokenizer: tok_lib.Tokenizer, val: set[int],
           "shards": {s: w.shards for s, w in writers.items()}}
 
 
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
-def main(argv) -> None:
+def main(argv: list[str]) -> None:
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   start = time.time()
   manifest = prepare(f.input, f.output, f.vocab_size, f.tokenizer,
@@ -279,8 +274,7 @@ def main(argv) -> None:
   print(json.dumps(summary))
 
 
-def _define_flags() -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
+def define_flags() -> None:
   flags.DEFINE_string("input", "", "File, directory or glob; '' = default "
                       "corpus (Python stdlib sources + pydoc topics).")
   flags.DEFINE_string("output", None, "Output directory.", required=True)
@@ -293,6 +287,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  _define_flags()
-  app.run(main)
+  cli.run_main(main, define_flags, usage="--input=PATH_OR_GLOB --output=DIR "
+               "[--vocab_size=N] [--tokenizer=FILE.model]")

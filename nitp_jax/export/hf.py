@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 
 import jax
 import ml_collections
@@ -27,9 +26,15 @@ import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
+from absl import flags
 
+from nitp_jax import checkpoint as ckpt_lib
+from nitp_jax import cli
 from nitp_jax import config as config_lib
+from nitp_jax import layout
 from nitp_jax import model as model_lib
+from nitp_jax.errors import ExportError
+from nitp_jax.layout import write_json
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -55,15 +60,15 @@ def hf_model_type(cfg: ml_collections.ConfigDict) -> str:
 
 
 def check_exportable(cfg: ml_collections.ConfigDict) -> None:
-  """ValueError naming the field when HF cannot reproduce the model."""
+  """ExportError naming the field when HF cannot reproduce the model."""
   e = cfg.model.moe
   if not config_lib.is_moe(cfg):
     return
   if e.routed_scaling != 1.0:
-    raise ValueError(f"config.model.moe.routed_scaling={e.routed_scaling} cannot be "
+    raise ExportError(f"config.model.moe.routed_scaling={e.routed_scaling} cannot be "
                      "exported: Qwen2MoeForCausalLM has no routed scaling; only 1.0 is exportable.")
   if e.num_shared_experts < 1:
-    raise ValueError("config.model.moe.num_shared_experts=0 cannot be exported: "
+    raise ExportError("config.model.moe.num_shared_experts=0 cannot be exported: "
                      "Qwen2MoeForCausalLM always has a shared expert; train with >= 1.")
 
 
@@ -112,7 +117,7 @@ def _sparse_layers(hf: dict) -> list[int]:
 def _rope_theta(hf: dict) -> float:
   rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
   if rope.get("rope_type", rope.get("type", "default")) != "default":
-    raise ValueError(f"HF rope scaling {rope!r} is not supported: nitp_jax only has "
+    raise ExportError(f"HF rope scaling {rope!r} is not supported: nitp_jax only has "
                      "plain RoPE (rope_type 'default').")
   return float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
 
@@ -120,20 +125,20 @@ def _rope_theta(hf: dict) -> float:
 def _check_importable(hf: dict) -> None:
   model_type = hf.get("model_type")
   if model_type not in ARCHITECTURES:
-    raise ValueError(f"HF model_type {model_type!r} is not supported: import handles "
+    raise ExportError(f"HF model_type {model_type!r} is not supported: import handles "
                      f"{', '.join(ARCHITECTURES.values())}.")
   if hf.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"HF hidden_act={hf['hidden_act']!r} is not supported: only silu (SwiGLU).")
+    raise ExportError(f"HF hidden_act={hf['hidden_act']!r} is not supported: only silu (SwiGLU).")
   if hf.get("use_sliding_window"):
-    raise ValueError("HF use_sliding_window=true is not supported: nitp_jax attention is full causal.")
+    raise ExportError("HF use_sliding_window=true is not supported: nitp_jax attention is full causal.")
   if hf.get("attention_bias") or hf.get("mlp_bias"):
-    raise ValueError("Llama attention_bias/mlp_bias=true is not supported: nitp_jax has "
+    raise ExportError("Llama attention_bias/mlp_bias=true is not supported: nitp_jax has "
                      "QKV biases only (export those as Qwen2).")
   if model_type == "qwen2_moe":
     sparse = _sparse_layers(hf)
     first = hf["num_hidden_layers"] - len(sparse)
     if not sparse or hf.get("num_experts", 0) < 1 or sparse != list(range(first, hf["num_hidden_layers"])):
-      raise ValueError(f"HF Qwen2-MoE sparse layers {sparse} are not supported: nitp_jax "
+      raise ExportError(f"HF Qwen2-MoE sparse layers {sparse} are not supported: nitp_jax "
                        "needs dense blocks first, then only MoE blocks (and num_experts > 0).")
 
 
@@ -236,11 +241,11 @@ class _Tensors:
 
   def __call__(self, key: str, shape: tuple[int, ...]) -> Array:
     if key not in self.tensors:
-      raise ValueError(f"{self.source} lacks tensor {key!r}: the checkpoint does not "
+      raise ExportError(f"{self.source} lacks tensor {key!r}: the checkpoint does not "
                        "match its config.json (or is not a supported architecture).")
     w = np.asarray(self.tensors[key], np.float32)
     if w.shape != tuple(shape):
-      raise ValueError(f"{self.source}: tensor {key!r} has shape {w.shape}, config.json "
+      raise ExportError(f"{self.source}: tensor {key!r} has shape {w.shape}, config.json "
                        f"implies {tuple(shape)}.")
     self.used.add(key)
     return w
@@ -249,7 +254,7 @@ class _Tensors:
     left = sorted(k for k in set(self.tensors) - self.used
                   if k not in also_ignored and not k.endswith(IGNORED_KEYS))
     if left:
-      raise ValueError(f"{self.source} has tensors nitp_jax cannot represent: "
+      raise ExportError(f"{self.source} has tensors nitp_jax cannot represent: "
                        f"{', '.join(left[:8])}{' ...' if len(left) > 8 else ''}")
 
 
@@ -275,7 +280,7 @@ def _import_moe(get: _Tensors, pre: str, m) -> dict:
   e, d = m.moe, m.d_model
   gate_w = get(pre + "shared_expert_gate.weight", (1, d))
   if np.any(gate_w != 0):
-    raise ValueError(f"{get.source}: {pre}shared_expert_gate.weight is not zero: a gated "
+    raise ExportError(f"{get.source}: {pre}shared_expert_gate.weight is not zero: a gated "
                      "shared expert cannot be represented by nitp_jax (ungated shared expert).")
   experts = [_import_swiglu(get, f"{pre}experts.{i}.", d, e.expert_ffn)
              for i in range(e.num_experts)]
@@ -323,7 +328,7 @@ def _read_safetensors(path: str) -> dict[str, Array]:
   out = {}
   for name, v in views:
     if v["dtype"] not in SAFETENSORS_DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has dtype {v['dtype']}; import reads "
+      raise ExportError(f"{path}: tensor {name!r} has dtype {v['dtype']}; import reads "
                        f"{', '.join(SAFETENSORS_DTYPES)} only.")
     out[name] = np.frombuffer(v["data"], SAFETENSORS_DTYPES[v["dtype"]]).reshape(v["shape"])
   return out
@@ -338,7 +343,7 @@ def read_hf_tensors(hf_dir: str) -> dict[str, Array]:
   elif os.path.isfile(os.path.join(hf_dir, WEIGHTS)):
     files = [WEIGHTS]
   else:
-    raise ValueError(f"{hf_dir!r} has neither {WEIGHTS} nor {WEIGHTS_INDEX}: pass a "
+    raise ExportError(f"{hf_dir!r} has neither {WEIGHTS} nor {WEIGHTS_INDEX}: pass a "
                      "directory written by export_hf or save_pretrained(safe_serialization=True).")
   tensors = {}
   for name in files:
@@ -367,12 +372,6 @@ def tokenizer_config(special: dict, max_len: int) -> dict:
           "spaces_between_special_tokens": False}
 
 
-def _write_json(obj: dict, path: str) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-
-
 def export_hf(params: dict, cfg: ml_collections.ConfigDict, out_dir: str,
               tokenizer_path: str | None = None) -> str:
   """Write model.safetensors + config.json (and the tokenizer if given) to
@@ -382,11 +381,11 @@ def export_hf(params: dict, cfg: ml_collections.ConfigDict, out_dir: str,
   special = _special_ids(tokenizer_path) if tokenizer_path else None
   os.makedirs(out_dir, exist_ok=True)
   safetensors.numpy.save_file(tensors, os.path.join(out_dir, WEIGHTS), metadata={"format": "pt"})
-  _write_json(hf_config(cfg, special), os.path.join(out_dir, CONFIG))
+  write_json(os.path.join(out_dir, CONFIG), hf_config(cfg, special))
   if tokenizer_path:
     shutil.copyfile(tokenizer_path, os.path.join(out_dir, TOKENIZER))
-    _write_json(tokenizer_config(special, cfg.model.max_seq_len),
-                os.path.join(out_dir, TOKENIZER_CONFIG))
+    write_json(os.path.join(out_dir, TOKENIZER_CONFIG),
+               tokenizer_config(special, cfg.model.max_seq_len))
   return out_dir
 
 
@@ -395,7 +394,7 @@ def import_hf(hf_dir: str) -> tuple[ml_collections.ConfigDict, dict]:
   The NITP projector is not in HF files: initialise it to train further."""
   path = os.path.join(hf_dir, CONFIG)
   if not os.path.isfile(path):
-    raise ValueError(f"{hf_dir!r} has no {CONFIG}: pass a HF model directory.")
+    raise ExportError(f"{hf_dir!r} has no {CONFIG}: pass a HF model directory.")
   with open(path) as f:
     cfg = config_from_hf(json.load(f))
   return cfg, params_from_tensors(read_hf_tensors(hf_dir), cfg, source=hf_dir)
@@ -403,58 +402,27 @@ def import_hf(hf_dir: str) -> tuple[ml_collections.ConfigDict, dict]:
 
 # -------------------------------------------------------------------- CLI
 
-def load_params_from_workdir(workdir: str, step: int | None = None
-                             ) -> tuple[ml_collections.ConfigDict, dict]:
-  """(cfg, params) of a training run's checkpoint (latest when step is None).
-
-  Delegates to `nitp_jax.checkpoint.restore_params(workdir, step)`.
-  """
-  try:
-    from nitp_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ValueError(f"cannot read checkpoints: nitp_jax.checkpoint is unavailable ({e}).") from None
-  try:
-    return checkpoint.restore_params(workdir, step)
-  except getattr(checkpoint, "CheckpointError", ()) as e:
-    raise ValueError(str(e)) from None
-
-
-def default_tokenizer(cfg: ml_collections.ConfigDict, workdir: str | None) -> str | None:
-  """The run's tokenizer: config.data.tokenizer, else <prepared data>/tokenizer.model."""
-  candidates = [cfg.data.tokenizer]
-  if workdir:
-    candidates.append(os.path.join(cfg.data.prepared_dir or os.path.join(workdir, "data"),
-                                   TOKENIZER))
-  return next((p for p in candidates if p and os.path.isfile(p)), None)
-
-
 def export_from_params(params: dict, cfg: ml_collections.ConfigDict, out_dir: str,
                        workdir: str | None = None, tokenizer_path: str | None = None) -> str:
-  """export_hf with the run's tokenizer found from cfg / workdir when not given."""
-  return export_hf(params, cfg, out_dir, tokenizer_path or default_tokenizer(cfg, workdir))
+  """export_hf with the run's tokenizer (nitp_jax.layout) when none is given."""
+  return export_hf(params, cfg, out_dir, tokenizer_path or layout.run_tokenizer(cfg, workdir))
 
 
 def main(argv: list[str]) -> None:
   del argv
-  from absl import flags  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
-  try:
-    cfg, params = load_params_from_workdir(f.workdir, f.step)
-    out = export_from_params(params, cfg, f.out, f.workdir, f.tokenizer or None)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  cfg, params = ckpt_lib.restore_params(f.workdir, f.step)
+  out = export_from_params(params, cfg, f.out, f.workdir, f.tokenizer or None)
   print(f"wrote {ARCHITECTURES[hf_model_type(cfg)]} to {out}")
 
 
-def _define_flags() -> None:
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  flags.DEFINE_string("workdir", None, "training run directory (checkpoints)", required=True)
-  flags.DEFINE_string("out", None, "output directory for the HF model", required=True)
-  flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
-  flags.DEFINE_string("tokenizer", "", "SentencePiece .model (default: the run's)")
+def define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "Training run directory (its checkpoints/).",
+                      required=True)
+  flags.DEFINE_string("out", None, "Output directory for the HF model.", required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("tokenizer", "", "SentencePiece .model (default: the run's).")
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=import-outside-toplevel
-  _define_flags()
-  app.run(main)
+  cli.run_main(main, define_flags, usage="--workdir=DIR --out=HF_DIR [--step=N]")
