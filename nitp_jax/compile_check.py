@@ -20,11 +20,21 @@ to 0.4%). Without --mesh/--devices it compiles for the machine's own devices.
 
 from __future__ import annotations
 
-import os
+import json
+import math
 import re
-import sys
+import time
 
-DEVICE_FLAG = "--xla_force_host_platform_device_count"
+import jax
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from nitp_jax import cli
+from nitp_jax import config as config_lib
+from nitp_jax import jitted
+from nitp_jax import sharding
+from nitp_jax.errors import ConfigError
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
@@ -33,65 +43,30 @@ def parse_mesh(spec: str) -> dict[str, int]:
   for item in filter(None, spec.split(",")):
     name, _, value = item.partition("=")
     if not re.fullmatch(r"-?\d+", value.strip()):
-      raise ValueError(f"--mesh item {item!r} is not AXIS=SIZE")
+      raise ConfigError(f"--mesh item {item!r} is not AXIS=SIZE")
     out[name.strip()] = int(value)
   return out
 
 
-def devices_from_argv(argv: list[str]) -> int | None:
-  """Simulated devices the command line asks for (None: not decidable)."""
-  values = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
-  if values.get("devices"):
-    return int(values["devices"])
-  if values.get("mesh"):
-    sizes = parse_mesh(values["mesh"]).values()
-    if all(s > 0 for s in sizes):
-      n = 1
-      for s in sizes:
-        n *= s
-      return n
-  return None
+def devices_wanted(mesh: str, devices: int | None) -> int | None:
+  """Simulated devices --devices / --mesh ask for (None: the machine's own)."""
+  if devices:
+    return devices
+  sizes = parse_mesh(mesh).values()
+  return math.prod(sizes) if sizes and all(s > 0 for s in sizes) else None
 
 
-def _simulate_devices(argv: list[str]) -> None:
-  """Before jax is imported: N CPU devices (any accelerator is ignored)."""
-  n = devices_from_argv(argv)
-  if n:
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_FLAG)]
-    os.environ["XLA_FLAGS"] = " ".join(kept + [f"{DEVICE_FLAG}={n}"])
-
-
-if __name__ == "__main__":
-  _simulate_devices(sys.argv[1:])
-
-# pylint: disable=wrong-import-position
-import json  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-from absl import app, flags  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from nitp_jax import cli  # noqa: E402
-from nitp_jax import config as config_lib  # noqa: E402
-from nitp_jax import optim  # noqa: E402
-from nitp_jax import sharding  # noqa: E402
-from nitp_jax import step as step_lib  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/moe_9b.py.")
-_MESH = flags.DEFINE_string("mesh", "", "Mesh sizes, e.g. data=1,fsdp=8,tensor=1,expert=8 "
-                            "(axes not named are 1; dcn_data=2 etc. for multi-slice).")
-_DEVICES = flags.DEFINE_integer("devices", None, "Device count; the config's mesh fills its "
-                                "-1 axis (default: the --mesh product).")
-_BATCH = flags.DEFINE_integer("batch", None, "Override train.global_batch.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Override train.seq_len.")
-_COMPILE = flags.DEFINE_bool("compile", True, "Compile too (slow for big models on CPU); "
-                             "false reports lowering-only numbers.")
+def simulate_devices(n: int) -> None:
+  """Run on `n` CPU devices (any accelerator is ignored). Must come before
+  anything touches a device; ConfigError when that has already happened."""
+  try:
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError as e:  # the backend is already up
+    raise ConfigError(f"cannot simulate {n} devices: the JAX backend has already started "
+                      f"({e}); call simulate_devices first") from e
+  if jax.device_count() != n:
+    raise ConfigError(f"{jax.device_count()} devices are visible but {n} were asked for")
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, mesh: str, batch: int | None,
@@ -102,7 +77,7 @@ def apply_overrides(cfg: ml_collections.ConfigDict, mesh: str, batch: int | None
     sizes = parse_mesh(mesh)
     unknown = set(sizes) - set(cfg.mesh.keys())
     if unknown:
-      raise config_lib.ConfigError(f"--mesh names unknown axes {sorted(unknown)}; "
+      raise ConfigError(f"--mesh names unknown axes {sorted(unknown)}; "
                                    f"allowed: {', '.join(cfg.mesh.keys())}")
     for axis in sharding.MESH_AXES:
       cfg.mesh[axis] = sizes.get(axis, 1)
@@ -120,26 +95,10 @@ def apply_overrides(cfg: ml_collections.ConfigDict, mesh: str, batch: int | None
   return config_lib.validate(cfg)
 
 
-def abstract_inputs(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, optimizer):
-  """(abstract state, abstract batch, state shardings): shapes and shardings only."""
-  abstract, shardings = step_lib.state_shardings(cfg, optimizer, mesh)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       abstract, shardings)
-  shape = (cfg.train.global_batch, cfg.train.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh))
-           for k in ("tokens", "segment_ids", "positions")}
-  return state, batch, shardings
-
-
 def check(cfg: ml_collections.ConfigDict, compile_step: bool = True) -> dict:
   """Lower (and compile) cfg's train step on the current devices; the report."""
-  mesh = sharding.mesh_for_config(cfg)
-  optimizer = optim.make_optimizer(cfg.train)
-  state, batch, shardings = abstract_inputs(cfg, mesh, optimizer)
-  replicated = NamedSharding(mesh, P())
-  step_fn = sharding.jit(step_lib.make_train_step(cfg, optimizer), mesh,
-                         in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                         out_shardings=(shardings, replicated), donate_argnums=0)
+  steps = jitted.build(cfg, sharding.mesh_for_config(cfg))
+  mesh, state, shardings = steps.mesh, steps.abstract_state, steps.state_shardings
   params = state["params"]
   report = {
       "devices": mesh.size, "mesh": {k: int(v) for k, v in mesh.shape.items()},
@@ -151,7 +110,7 @@ def check(cfg: ml_collections.ConfigDict, compile_step: bool = True) -> dict:
                                                               shardings["opt_state"]),
   }
   start = time.perf_counter()
-  lowered = step_fn.lower(state, batch)
+  lowered = steps.train.lower(state, steps.abstract_batch())
   report["lower_s"] = round(time.perf_counter() - start, 2)
   report["compiled"] = compile_step
   if cfg.model.moe.num_experts and cfg.model.moe.dispatch == "ragged":
@@ -178,23 +137,31 @@ def memory_report(memory) -> dict[str, int]:
   return {k: int(v) for k, v in fields.items()}
 
 
-def main(argv) -> None:
+def main(argv: list[str]) -> None:
   del argv
-  try:
-    cfg = apply_overrides(_CONFIG.value, _MESH.value, _BATCH.value, _SEQ_LEN.value)
-    wanted = _DEVICES.value or devices_from_argv([f"--mesh={_MESH.value}"])
-    if wanted and wanted != jax.device_count():
-      raise config_lib.ConfigError(
-          f"{jax.device_count()} devices are visible but {wanted} were asked for: run as "
-          f"`python -m nitp_jax.compile_check` (it sets {DEVICE_FLAG} before jax starts)")
-    report = {"config": config_flags.get_config_filename(flags.FLAGS["config"])}
-    report |= check(cfg, _COMPILE.value)
-  except (config_lib.ConfigError, ValueError) as e:
-    print(f"error: {cli.one_line(e)}", file=sys.stderr)
-    sys.exit(2)
+  f = flags.FLAGS
+  wanted = devices_wanted(f.mesh, f.devices)
+  if wanted:
+    simulate_devices(wanted)
+  cfg = apply_overrides(f.config, f.mesh, f.batch, f.seq_len)
+  report = {"config": config_flags.get_config_filename(f["config"])}
+  report |= check(cfg, f.compile)
   print(json.dumps(report), flush=True)
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
+  cli.define_config_flag("Config file, e.g. configs/moe_9b.py.")
   flags.mark_flags_as_required(["config"])
-  app.run(main, flags_parser=cli.parse_flags_or_exit)
+  flags.DEFINE_string("mesh", "", "Mesh sizes, e.g. data=1,fsdp=8,tensor=1,expert=8 "
+                      "(axes not named are 1; dcn_data=2 etc. for multi-slice).")
+  flags.DEFINE_integer("devices", None, "Device count; the config's mesh fills its -1 axis "
+                       "(default: the --mesh product).")
+  flags.DEFINE_integer("batch", None, "Override train.global_batch.")
+  flags.DEFINE_integer("seq_len", None, "Override train.seq_len.")
+  flags.DEFINE_bool("compile", True, "Compile too (slow for big models on CPU); false "
+                    "reports lowering-only numbers.")
+
+
+if __name__ == "__main__":
+  cli.run_main(main, define_flags, usage="--config=FILE [--mesh=fsdp=8,expert=8] "
+               "[--devices=N] [--batch=N] [--seq_len=N] [--compile=false]")

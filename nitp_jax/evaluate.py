@@ -21,25 +21,57 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
 from nitp_jax import checkpoint as ckpt_lib
 from nitp_jax import cli
-from nitp_jax import step as step_lib
+from nitp_jax import errors
+from nitp_jax import jitted
+from nitp_jax import layout
+from nitp_jax import sharding
 from nitp_jax.data import pipeline
-from nitp_jax.data.corpus import DataError
+from nitp_jax.errors import CheckpointError, DataError
 
 GEOMETRY_KEYS = ("erank_last", "cos_last", "erank_target", "cos_target")
 
 
+def _on_mesh(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """A host batch (the same on every process) as a global array on `mesh`."""
+  return sharding.global_batch(sharding.local_rows(batch, mesh), mesh)
+
+
+def heldout(steps: jitted.Steps, params: dict, batches: list[dict]) -> dict[str, float]:
+  """Token-weighted held-out NTP loss ("ntp"), "ppl", NITP loss and cosine
+  (when trained with NITP), and the number of valid next-token pairs."""
+  sums: dict[str, float] = {}
+  for batch in batches:
+    for k, v in jax.device_get(steps.eval(params, _on_mesh(batch, steps.mesh))).items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  tokens = sums.pop("tokens", 0.0)
+  result = {k: v / max(tokens, 1.0) for k, v in sums.items()}
+  result["ppl"] = math.exp(min(result["ntp"], 50.0))
+  result["tokens"] = tokens
+  return result
+
+
+def geometry(steps: jitted.Steps, params: dict, batches: list[dict]) -> dict[str, float]:
+  """Effective rank and mean cosine of the last and target hidden states,
+  per batch, averaged over the batches (NaN where no batch has a value)."""
+  values: dict[str, list[float]] = {k: [] for k in GEOMETRY_KEYS}
+  for batch in batches:
+    for k, v in jax.device_get(steps.geometry(params, _on_mesh(batch, steps.mesh))).items():
+      values[k].append(float(v))
+  return {k: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+          for k, v in values.items()}
+
+
 def checkpoint_steps(workdir: str) -> list[int]:
   """Steps with a finished checkpoint under <workdir>/checkpoints."""
-  directory = ckpt_lib.checkpoint_dir(workdir)
+  directory = layout.checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     return []
   return sorted(int(n) for n in os.listdir(directory)
@@ -49,66 +81,53 @@ def checkpoint_steps(workdir: str) -> list[int]:
 def resolve_step(workdir: str, step: int | None) -> int:
   """`step`, or the latest; CheckpointError when there is no such checkpoint."""
   steps = checkpoint_steps(workdir)
-  where = ckpt_lib.checkpoint_dir(workdir)
+  where = layout.checkpoint_dir(workdir)
   if not steps:
-    raise ckpt_lib.CheckpointError(f"no checkpoint under {where}: pass the --workdir of a "
-                                   "training run")
+    raise CheckpointError(f"no checkpoint under {where}: pass the --workdir of a training run")
   if step is None:
     return steps[-1]
   if step not in steps:
-    raise ckpt_lib.CheckpointError(f"no checkpoint of step {step} under {where} (have: "
-                                   f"{', '.join(map(str, steps))})")
+    raise CheckpointError(f"no checkpoint of step {step} under {where} (have: "
+                          f"{', '.join(map(str, steps))})")
   return step
-
-
-def data_dir(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-  return cfg.data.prepared_dir or os.path.join(os.path.abspath(workdir), "data")
 
 
 def _finite_or_none(x: float) -> float | None:
   return x if math.isfinite(x) else None
 
 
-def evaluate_params(cfg: ml_collections.ConfigDict, params: dict, batches: list[dict]
-                    ) -> dict[str, float]:
-  """Held-out loss, ppl, NITP alignment and geometry of `params` on `batches`."""
-  eval_step = jax.jit(step_lib.make_eval_step(cfg))
-  geometry_step = jax.jit(step_lib.make_geometry_step(cfg))
-  sums: dict[str, float] = {}
-  geometry: dict[str, list[float]] = {k: [] for k in GEOMETRY_KEYS}
-  for batch in batches:
-    for k, v in jax.device_get(eval_step(params, batch)).items():
-      sums[k] = sums.get(k, 0.0) + float(v)
-    for k, v in jax.device_get(geometry_step(params, batch)).items():
-      geometry[k].append(float(v))
-  tokens = sums.pop("tokens", 0.0)
-  out = {k: v / max(tokens, 1.0) for k, v in sums.items()}
-  out["loss"] = out.pop("ntp")
-  out["ppl"] = math.exp(min(out["loss"], 50.0))
-  out |= {k: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
-          for k, v in geometry.items()}
-  return out | {"tokens": int(tokens), "batches": len(batches)}
+def eval_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """Every local device on the data axis: evaluation needs no model sharding
+  and runs wherever the checkpoint is read."""
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  for axis in sharding.MESH_AXES:
+    cfg.mesh[axis], cfg.mesh[f"dcn_{axis}"] = (-1 if axis == "data" else 1), 1
+  return sharding.mesh_for_config(cfg)
 
 
-def evaluate_run(workdir: str, step: int | None = None, batches: int | None = None
-                 ) -> dict:
+def evaluate_run(workdir: str, step: int | None = None, batches: int | None = None) -> dict:
   """The JSON-able evaluation of a run's checkpoint (latest when step is None)."""
   step = resolve_step(workdir, step)
   try:
     cfg, params = ckpt_lib.restore_params(workdir, step)
-  except ckpt_lib.CheckpointError:
+  except CheckpointError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    raise ckpt_lib.CheckpointError(
-        f"cannot restore the checkpoint of step {step} in {ckpt_lib.checkpoint_dir(workdir)} "
-        f"({type(e).__name__}: {cli.one_line(e)[:300]}); pass another --step") from e
+    raise CheckpointError(
+        f"cannot restore the checkpoint of step {step} in {layout.checkpoint_dir(workdir)} "
+        f"({type(e).__name__}: {errors.one_line(e)[:300]}); pass another --step") from e
   n = cfg.train.eval_batches if batches is None else batches
   if n <= 0:
     raise DataError(f"--batches={n} is invalid: must be a positive integer")
   t = cfg.train
-  eval_batches = pipeline.make_eval_batches(data_dir(cfg, workdir), t.seq_len,
+  eval_batches = pipeline.make_eval_batches(layout.data_dir(cfg, workdir), t.seq_len,
                                             t.global_batch, n)
-  result = evaluate_params(cfg, params, eval_batches)
+  steps = jitted.build(cfg, eval_mesh(cfg))
+  params = jax.device_put(params, steps.state_shardings["params"])
+  result = heldout(steps, params, eval_batches) | geometry(steps, params, eval_batches)
+  result["loss"] = result.pop("ntp")
+  result["tokens"] = int(result["tokens"])
+  result["batches"] = len(eval_batches)
   order = ["loss", "ppl", "nitp", "nitp_cos", *GEOMETRY_KEYS, "tokens", "batches"]
   ordered = {k: result[k] for k in order if k in result}
   return {"workdir": os.path.abspath(workdir), "step": step,
@@ -117,26 +136,12 @@ def evaluate_run(workdir: str, step: int | None = None, batches: int | None = No
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    _exit(f"unexpected arguments {' '.join(argv[1:])!r}: use --workdir=DIR [--step=N] "
-          "[--batches=N]")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
-  try:
-    f = flags.FLAGS
-    result = evaluate_run(f.workdir, f.step, f.batches)
-  except (ckpt_lib.CheckpointError, DataError) as e:
-    _exit(str(e))
-  print(json.dumps(result))
+  del argv
+  f = flags.FLAGS
+  print(json.dumps(evaluate_run(f.workdir, f.step, f.batches)))
 
 
-def _exit(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _define_flags() -> None:
-  """Only when run as a program: nitp_jax.train defines --workdir too."""
+def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Training run directory (its checkpoints/).",
                       required=True)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -145,5 +150,4 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  cli.run_main(main, define_flags, usage="--workdir=DIR [--step=N] [--batches=N]")

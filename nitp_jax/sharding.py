@@ -24,11 +24,10 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import optax
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from nitp_jax.config import ConfigError
+from nitp_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -137,17 +136,6 @@ def logical_shardings(logical_specs: Any, mesh: Mesh) -> Any:
   specs = nn.logical_to_mesh(logical_specs, LOGICAL_RULES)
   return jax.tree.map(lambda s: NamedSharding(mesh, _without_unit_axes(s, mesh)), specs,
                       is_leaf=lambda x: isinstance(x, P))
-
-
-def state_shardings(optimizer: optax.GradientTransformation, abstract_opt_state: Any,
-                    param_shardings: Any, mesh: Mesh) -> dict:
-  """Shardings for {"step", "params", "opt_state", ...}: optimizer moments
-  follow their parameter, everything else (counts) is replicated."""
-  replicated = NamedSharding(mesh, P())
-  opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt_state, param_shardings,
-                              transform_non_params=lambda _: replicated)
-  return {"step": replicated, "params": param_shardings, "opt_state": opt,
-          "nonfinite": replicated}
 
 
 def in_context(fn: Callable, mesh: Mesh) -> Callable:

@@ -1,5 +1,6 @@
 """Pure step functions: state init, the train step (with gradient
-accumulation) and the eval step. Jitting and sharding happen in train.py."""
+accumulation), the eval and geometry steps, and the state's shardings.
+Jitting happens in jitted.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nitp_jax import geometry
 from nitp_jax import model as model_lib
@@ -35,11 +36,17 @@ def all_finite(tree: Any) -> jax.Array:
 
 def state_shardings(cfg: ml_collections.ConfigDict, optimizer: optax.GradientTransformation,
                     mesh: Mesh) -> tuple[State, State]:
-  """(abstract state, NamedSharding tree) without allocating anything."""
+  """(abstract state, NamedSharding tree) without allocating anything:
+  parameters by their logical axes, optimizer moments like their parameter,
+  everything else (step, counts) replicated."""
   abstract = jax.eval_shape(lambda: init_state(cfg, optimizer, jax.random.key(0)))
   _, logical = model_lib.abstract_params(cfg)
-  param_sh = sharding.logical_shardings(logical, mesh)
-  return abstract, sharding.state_shardings(optimizer, abstract["opt_state"], param_sh, mesh)
+  params = sharding.logical_shardings(logical, mesh)
+  replicated = NamedSharding(mesh, P())
+  opt_state = optax.tree_map_params(optimizer, lambda _, s: s, abstract["opt_state"], params,
+                                    transform_non_params=lambda _: replicated)
+  return abstract, {"step": replicated, "params": params, "opt_state": opt_state,
+                    "nonfinite": replicated}
 
 
 def _split_microbatches(batch: dict, n: int) -> dict:

@@ -8,36 +8,26 @@ Rerunning the same command resumes from the latest checkpoint in --workdir.
 
 from __future__ import annotations
 
-import math
-import os
 import signal
-import sys
-import tempfile
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from nitp_jax import checkpoint as ckpt_lib
 from nitp_jax import cli
 from nitp_jax import config as config_lib
 from nitp_jax import distributed
-from nitp_jax import optim
+from nitp_jax import evaluate
+from nitp_jax import jitted
+from nitp_jax import layout
 from nitp_jax import sharding
 from nitp_jax import step as step_lib
 from nitp_jax.data import pipeline, prepare
-from nitp_jax.data.corpus import DataError
+from nitp_jax.errors import NonFiniteLossError
 from nitp_jax.metrics_log import MetricsLog, Throughput, console_line
-
-USER_ERRORS = (config_lib.ConfigError, DataError, ckpt_lib.CheckpointError,
-               distributed.LaunchError)
-
-
-class NonFiniteLossError(RuntimeError):
-  """Too many NaN or infinite steps in a row."""
 
 
 class PreemptionGuard:
@@ -73,22 +63,9 @@ class PreemptionGuard:
       signal.signal(sig, handler)
 
 
-def make_workdir(workdir: str) -> str:
-  path = os.path.abspath(workdir)
-  try:
-    os.makedirs(path, exist_ok=True)
-    with tempfile.TemporaryFile(dir=path):  # a unique name: processes may share path
-      pass
-  except OSError as e:
-    raise config_lib.ConfigError(
-        f"--workdir={workdir} is not a writable directory ({e.strerror or e}): "
-        "pass a directory you can write to") from e
-  return path
-
-
 def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   """Tokenized shards for cfg.data (built once, reused on resume)."""
-  data_dir = cfg.data.prepared_dir or os.path.join(workdir, "data")
+  data_dir = layout.data_dir(cfg, workdir)
   # Process 0 first; then the others reuse its output (shared disk) or build
   # their own copy (hosts with local disks).
   if jax.process_index() == 0:
@@ -99,27 +76,12 @@ def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   return data_dir
 
 
-def evaluate(eval_step, params, eval_batches: list[dict], mesh) -> dict[str, float]:
-  """Token-weighted held-out loss, perplexity and NITP alignment."""
-  sums: dict[str, float] = {}
-  for batch in eval_batches:
-    local = sharding.local_rows(batch, mesh)
-    out = jax.device_get(eval_step(params, sharding.global_batch(local, mesh)))
-    for k, v in out.items():
-      sums[k] = sums.get(k, 0.0) + float(v)
-  tokens = max(sums.pop("tokens", 0.0), 1.0)
-  result = {k: v / tokens for k, v in sums.items()}
-  result["ppl"] = math.exp(min(result["ntp"], 50.0))
-  result["tokens"] = tokens
-  return result
-
-
 class Trainer:
   """Builds everything a run needs from its config and drives the loop."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
     self.cfg = config_lib.validate(cfg)
-    self.workdir = make_workdir(workdir)
+    self.workdir = layout.make_workdir(workdir)
     t = cfg.train
     self.is_main = jax.process_index() == 0
     self.mesh = sharding.mesh_for_config(cfg)
@@ -128,23 +90,9 @@ class Trainer:
     self.train_iter = self._train_iterator(cfg.data.seed)
     self.eval_batches = pipeline.make_eval_batches(
         self.data_dir, t.seq_len, t.global_batch, t.eval_batches)
-    self.optimizer = optim.make_optimizer(t)
-    abstract, self.shardings = step_lib.state_shardings(cfg, self.optimizer, self.mesh)
-    self.abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.shardings)
+    self.steps = jitted.build(cfg, self.mesh)
     self.checkpointer = ckpt_lib.Checkpointer(self.workdir, t.keep_checkpoints)
-    batch_sh = sharding.batch_sharding(self.mesh)
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    self.train_step = sharding.jit(step_lib.make_train_step(cfg, self.optimizer), self.mesh,
-                                   in_shardings=(self.shardings, batch_sh),
-                                   out_shardings=(self.shardings, replicated), donate_argnums=0)
     self._params_finite = jax.jit(step_lib.all_finite)
-    self.geometry_step = sharding.jit(step_lib.make_geometry_step(cfg), self.mesh,
-                                      in_shardings=(self.shardings["params"], batch_sh),
-                                      out_shardings=replicated)
-    self.eval_step = sharding.jit(step_lib.make_eval_step(cfg), self.mesh,
-                                  in_shardings=(self.shardings["params"], batch_sh),
-                                  out_shardings=replicated)
 
   def _train_iterator(self, seed: int):
     t = self.cfg.train
@@ -152,12 +100,11 @@ class Trainer:
                                         worker_count=self.cfg.data.worker_count)
 
   def initial_state(self) -> step_lib.State:
-    restored = self.checkpointer.restore_latest(self.abstract_state, self.train_iter, self.cfg)
+    restored = self.checkpointer.restore_latest(self.steps.abstract_state, self.train_iter,
+                                                self.cfg)
     if restored is None:
-      init = jax.jit(lambda rng: step_lib.init_state(self.cfg, self.optimizer, rng),
-                     out_shardings=self.shardings)
       self.log.truncate_after(0)
-      return init(jax.random.key(self.cfg.train.seed))
+      return self.steps.init(jax.random.key(self.cfg.train.seed))
     step, state, data_restored = restored
     if not data_restored:  # another process count wrote it: see restore_latest
       self.train_iter = self._train_iterator(self.cfg.data.seed + step)
@@ -191,7 +138,7 @@ class Trainer:
   def _eval(self, state: step_lib.State, step: int) -> dict[str, float]:
     if not self.eval_batches:
       return {}
-    result = evaluate(self.eval_step, state["params"], self.eval_batches, self.mesh)
+    result = evaluate.heldout(self.steps, state["params"], self.eval_batches)
     self.log.info(f"eval step {step} | loss {result['ntp']:.4f} | ppl {result['ppl']:.2f}"
                   + (f" | nitp {result['nitp']:.4f}" if "nitp" in result else ""))
     self.log.write(step, result, kind="eval")
@@ -201,10 +148,8 @@ class Trainer:
     """Geometry of a fixed held-out probe batch (the first eval batch)."""
     if not self.eval_batches:
       return
-    probe = sharding.global_batch(sharding.local_rows(self.eval_batches[0], self.mesh), self.mesh)
-    result = {k: float(v) for k, v in jax.device_get(
-        self.geometry_step(state["params"], probe)).items()}
-    self.log.write(step, result, kind="probe")
+    self.log.write(step, evaluate.geometry(self.steps, state["params"], self.eval_batches[:1]),
+                   kind="probe")
 
   def run(self, stop_after: int | None = None) -> dict:
     """Train to cfg.train.steps (or `stop_after`, checkpointing there).
@@ -220,7 +165,7 @@ class Trainer:
     with PreemptionGuard() as guard:
       for step in range(start + 1, end + 1):
         batch = sharding.global_batch(next(self.train_iter), self.mesh)
-        state, metrics = self.train_step(state, batch)
+        state, metrics = self.steps.train(state, batch)
         if pending is not None:
           self._report(*pending, throughput)
         pending = (step, metrics)
@@ -258,38 +203,36 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
     trainer.close()
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py "
-                                          "(or configs/tiny.py:moe).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory for checkpoints, metrics and "
-                               "prepared data. Default: runs/<config name>.")
-
-
-def default_workdir(config_path: str) -> str:
-  name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
-  variant = config_path.partition(":")[2]
-  return os.path.join("runs", name + (f"_{variant}" if variant else ""))
-
-
-def main(argv) -> None:
+def main(argv: list[str]) -> None:
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
-  workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
-  try:
-    distributed.maybe_initialize()  # before anything touches a device
-    result = run(_CONFIG.value, workdir)
-  except USER_ERRORS + (NonFiniteLossError,) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  if result["preempted"]:
+  f = flags.FLAGS
+  workdir = f.workdir or layout.default_workdir(config_flags.get_config_filename(f["config"]))
+  distributed.maybe_initialize(f.distributed, f.coordinator_address, f.num_processes,
+                               f.process_id)  # before anything touches a device
+  result = run(f.config, workdir)
+  if result["preempted"] or jax.process_index() != 0:
     return
-  if jax.process_index() == 0:
-    ev = result["eval"]
-    summary = f"; held-out loss {ev['ntp']:.4f} (ppl {ev['ppl']:.2f})" if ev else ""
-    print(f"done: step {result['step']}{summary}. Metrics: {workdir}/metrics.jsonl, "
-          f"TensorBoard: {workdir}/tensorboard, checkpoints: {workdir}/checkpoints")
+  ev = result["eval"]
+  summary = f"; held-out loss {ev['ntp']:.4f} (ppl {ev['ppl']:.2f})" if ev else ""
+  print(f"done: step {result['step']}{summary}. Metrics: {layout.metrics_path(workdir)}, "
+        f"TensorBoard: {layout.tensorboard_dir(workdir)}, checkpoints: "
+        f"{layout.checkpoint_dir(workdir)}")
+
+
+def define_flags() -> None:
+  cli.define_config_flag("Config file, e.g. configs/tiny.py (or configs/tiny.py:moe).")
+  flags.mark_flags_as_required(["config"])
+  flags.DEFINE_string("workdir", None, "Run directory for checkpoints, metrics and prepared "
+                      "data. Default: runs/<config name>.")
+  flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                    "Multi-host start-up: auto (detect SLURM / TPU pod / the flags below), "
+                    "on (always call jax.distributed.initialize()), off (single process).")
+  flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0, for a manual "
+                      "multi-process launch.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes of a manual launch.")
+  flags.DEFINE_integer("process_id", None, "Rank of this process (0 .. num_processes-1).")
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main, flags_parser=cli.parse_flags_or_exit)
+  cli.run_main(main, define_flags, usage="--config=configs/tiny.py [--workdir=DIR] "
+               "[--config.train.steps=N ...]")

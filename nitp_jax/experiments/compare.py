@@ -24,15 +24,14 @@ import json
 import math
 import os
 import re
-import sys
 from typing import Any, Callable, Sequence
 
 import ml_collections
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags
 
 from nitp_jax import cli
 from nitp_jax import config as config_lib
+from nitp_jax import layout
 from nitp_jax import plot
 from nitp_jax import train
 
@@ -53,12 +52,11 @@ class RunSpec:
 # ------------------------------------------------------------------ ablations
 
 def _field(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
-  node = cfg
-  for part in dotted.split("."):
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      raise config_lib.ConfigError(f"config has no field {dotted!r}: see nitp_jax/config.py "
-                                   "for the fields")
-    node = node[part]
+  try:
+    node = cfg[dotted]
+  except (KeyError, TypeError):
+    raise config_lib.ConfigError(f"config has no field {dotted!r}: see nitp_jax/config.py "
+                                 "for the fields") from None
   if isinstance(node, ml_collections.ConfigDict):
     raise config_lib.ConfigError(f"config.{dotted} is a group of fields: name one of "
                                  f"{', '.join(f'{dotted}.{k}' for k in node.keys())}")
@@ -109,12 +107,7 @@ def parse_ablation(spec: str, cfg: ml_collections.ConfigDict) -> tuple[str, dict
 
 def _with(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
   out = ml_collections.ConfigDict(cfg.to_dict())
-  for dotted, value in overrides.items():
-    *parents, last = dotted.split(".")
-    node = out
-    for p in parents:
-      node = node[p]
-    node[last] = value
+  out.update_from_flattened_dict(overrides)
   return out
 
 
@@ -126,8 +119,7 @@ def plan_runs(cfg: ml_collections.ConfigDict, out_dir: str, ablations: Sequence[
         f"config.nitp.weight={cfg.nitp.weight}: compare needs the NITP config (λ > 0); the "
         "NTP baseline (λ = 0) is derived from it")
   out_dir = os.path.abspath(out_dir)
-  data = cfg.data.prepared_dir or os.path.join(out_dir, "data")
-  base = _with(cfg, {"data.prepared_dir": os.path.abspath(data)})
+  base = _with(cfg, {"data.prepared_dir": os.path.abspath(layout.data_dir(cfg, out_dir))})
   n = cfg.nitp
   runs = [RunSpec("ntp", _with(base, {"nitp.weight": 0.0}), "λ = 0"),
           RunSpec("nitp", base, f"config as given (λ = {n.weight:g}, k = {n.target_layer})")]
@@ -256,34 +248,17 @@ def compare(cfg: ml_collections.ConfigDict, out_dir: str, ablations: Sequence[st
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    _exit(f"unexpected arguments {' '.join(argv[1:])!r}: use --config=FILE --out=DIR "
-          "[--ablation=NAME:field=value,...]")
-  if "workdir" in flags.FLAGS and flags.FLAGS["workdir"].present:
-    _exit("--workdir is not a compare flag: pass the report folder as --out=DIR")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
-  try:
-    report = compare(flags.FLAGS.config, flags.FLAGS.out, flags.FLAGS.ablation)
-  except train.USER_ERRORS + (train.NonFiniteLossError, plot.PlotError) as e:
-    _exit(str(e))
+  del argv
+  f = flags.FLAGS
+  report = compare(f.config, f.out, f.ablation)
   print("\n" + markdown_table(report["runs"]) + "\n\n" + report["summary"])
-  out = os.path.abspath(flags.FLAGS.out)
+  out = os.path.abspath(f.out)
   print(f"\nwrote {report['figure']}, {out}/report.md, {out}/report.json")
 
 
-def _exit(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _define_flags() -> None:
-  """Only when run as a program. nitp_jax.train defines --config (a
-  config_flags config file) and --workdir on import; compare shares its
-  --config and has no use for --workdir."""
-  if "config" not in flags.FLAGS:
-    config_flags.DEFINE_config_file("config", None, "Config of the NITP run, e.g. "
-                                    "configs/tiny.py; --config.x.y=v overrides apply to every run.")
+def define_flags() -> None:
+  cli.define_config_flag("Config of the NITP run, e.g. configs/tiny.py; --config.x.y=v "
+                         "overrides apply to every run.")
   flags.DEFINE_string("out", None, "Report folder: one subfolder per run, compare.png, "
                       "report.md, report.json.")
   flags.DEFINE_multi_string("ablation", [], "NAME:field=value[,field=value...]: an extra "
@@ -292,5 +267,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main, flags_parser=cli.parse_flags_or_exit)
+  cli.run_main(main, define_flags, usage="--config=FILE --out=DIR "
+               "[--ablation=NAME:field=value,...]")
