@@ -22,8 +22,8 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nitp_jax import config as config_lib  # noqa: E402
-from nitp_jax import optim  # noqa: E402
-from nitp_jax import step as step_lib  # noqa: E402
+from nitp_jax import jitted  # noqa: E402
+from nitp_jax import sharding  # noqa: E402
 
 
 def _small(d: int, layers: int, heads: int, kv: int, ffn: int, vocab: int,
@@ -103,20 +103,21 @@ def synthetic_batch(cfg: ml_collections.ConfigDict, seed: int = 0, docs: int = 2
           "positions": jnp.asarray(positions)}
 
 
+def train_steps(cfg: ml_collections.ConfigDict) -> jitted.Steps:
+  """The training's own jitted steps, on the config's mesh of this machine."""
+  return jitted.build(cfg, sharding.mesh_for_config(cfg))
+
+
 def train_step_and_state(cfg: ml_collections.ConfigDict, seed: int = 0):
-  """(jitted train step donating its state, initial state) on one device."""
-  optimizer = optim.make_optimizer(cfg.train)
-  step = jax.jit(step_lib.make_train_step(cfg, optimizer), donate_argnums=0)
-  state = jax.jit(lambda r: step_lib.init_state(cfg, optimizer, r))(jax.random.key(seed))
-  return step, state
+  """(jitted train step donating its state, initial state)."""
+  steps = train_steps(cfg)
+  return steps.train, steps.init(jax.random.key(seed))
 
 
-def abstract_train_inputs(cfg: ml_collections.ConfigDict):
-  """(step fn, abstract state, abstract batch) for lowering without memory."""
-  optimizer = optim.make_optimizer(cfg.train)
-  state = jax.eval_shape(lambda: step_lib.init_state(cfg, optimizer, jax.random.key(0)))
-  batch = jax.eval_shape(lambda: synthetic_batch(cfg))
-  return step_lib.make_train_step(cfg, optimizer), state, batch
+def lowered_train_step(cfg: ml_collections.ConfigDict):
+  """The train step lowered for abstract inputs (nothing allocated)."""
+  steps = train_steps(cfg)
+  return steps.train.lower(steps.abstract_state, steps.abstract_batch())
 
 
 class Stepper:

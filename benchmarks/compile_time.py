@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 
-import jax
 from absl import app, flags
 
 import common
@@ -31,9 +30,8 @@ def compile_seconds(layers: int) -> dict[str, float]:
   cfg = common.apply_overrides(common.load_preset(FLAGS.preset), dtype=FLAGS.dtype,
                                layers=layers, remat=FLAGS.remat)
   cfg.model.scan_layers = FLAGS.scan
-  step, state, batch = common.abstract_train_inputs(cfg)
   clocks = [time.perf_counter(), time.process_time()]
-  lowered = jax.jit(step, donate_argnums=0).lower(state, batch)
+  lowered = common.lowered_train_step(cfg)
   mid = [time.perf_counter(), time.process_time()]
   lowered.compile()
   end = [time.perf_counter(), time.process_time()]

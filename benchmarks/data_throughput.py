@@ -22,11 +22,10 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import common  # noqa: E402
 import jax  # noqa: E402
 
 from nitp_jax import config as config_lib  # noqa: E402
-from nitp_jax import optim  # noqa: E402
-from nitp_jax import step as step_lib  # noqa: E402
 from nitp_jax.data import pipeline  # noqa: E402
 from nitp_jax.data import prepare as prepare_lib  # noqa: E402
 
@@ -47,9 +46,7 @@ def train_tokens_per_s(batches: list[dict], steps: int) -> float:
   cfg = config_lib.load_config_file(os.path.join(root, "configs", "tiny.py"))
   cfg.train.seq_len = FLAGS.seq_len
   cfg.train.global_batch = FLAGS.batch
-  opt = optim.make_optimizer(cfg.train)
-  state = step_lib.init_state(cfg, opt, jax.random.key(0))
-  train_step = jax.jit(step_lib.make_train_step(cfg, opt), donate_argnums=0)
+  train_step, state = common.train_step_and_state(cfg)
   state, m = train_step(state, batches[0])  # compile
   jax.block_until_ready(m)
   times = []

@@ -15,7 +15,6 @@ import json
 import math
 import re
 
-import jax
 from absl import app, flags
 
 import common
@@ -35,8 +34,7 @@ MIB = 2 ** 20
 
 
 def compiled_step(cfg):
-  step, state, batch = common.abstract_train_inputs(cfg)
-  return jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+  return common.lowered_train_step(cfg).compile()
 
 
 def stats(compiled) -> dict[str, float]:
