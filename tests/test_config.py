@@ -15,7 +15,7 @@ from nitp_jax import flops
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
-# SPEC.md's sanity check (billions): total, active.
+# The paper's Table 4 model sizes (billions): total, active.
 PAPER_SIZES = {
     "moe_1p9b": (1.84, 0.29), "moe_3b": (3.20, 0.47), "moe_9b": (8.75, 1.06),
     "moe_45b": (44.9, 5.54), "dense_0p5b": (0.49, 0.49), "dense_2b": (2.10, 2.10),

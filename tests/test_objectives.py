@@ -1,4 +1,4 @@
-"""NITP and NTP losses against NumPy, and the gradient facts of SPEC.md."""
+"""NITP and NTP losses against NumPy, and the gradient facts of the paper (Sec. 3.4)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ from tests.helpers import max_abs_diff, packed_batch, small_config
 
 
 def numpy_nitp(pred, target, seg, shift, kind):
-  """SPEC.md Eq. 3, written independently with loops."""
+  """The paper's NITP loss (Eq. 3), written independently with loops."""
   b, t, _ = pred.shape
   losses = []
   for r in range(b):
