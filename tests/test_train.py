@@ -1,6 +1,7 @@
 """End-to-end training on one host: loss goes down, resumption is exact,
 logs are readable, accumulation and the schedule do what they say."""
 
+import itertools
 import json
 import os
 import struct
@@ -98,6 +99,59 @@ def test_wsd_schedule_shape():
   cfg.train.schedule, cfg.train.final_lr_ratio = "wsd_exp", 0.01
   lr = optim.wsd_schedule(cfg.train)
   assert float(lr(90)) == pytest.approx(0.1) and float(lr(100)) == pytest.approx(0.01)
+
+
+def _former_wsd(t, n: int) -> np.ndarray:
+  """The hand-written schedule this one replaced, op by op in float32, as XLA
+  evaluated it: a division by a scalar is a multiplication by its float32
+  reciprocal, and the power is XLA's (jnp.power), not NumPy's."""
+  f32 = np.float32
+  decay_steps = int(round(t.decay_fraction * t.steps))
+  step = np.arange(n).astype(f32)
+  progress = np.clip((step - f32(t.steps - decay_steps)) * (f32(1) / f32(max(decay_steps, 1))),
+                     f32(0), f32(1))
+  if t.schedule == "wsd_exp":
+    decay = np.asarray(jnp.power(jnp.float32(t.final_lr_ratio), jnp.asarray(progress)))
+  else:
+    decay = f32(1) - f32(1.0 - t.final_lr_ratio) * progress
+  if not t.warmup_steps:
+    return f32(t.lr) * decay
+  warm = np.minimum(f32(1), (step + f32(1)) * (f32(1) / f32(t.warmup_steps)))
+  return f32(t.lr) * warm * decay
+
+
+def test_wsd_schedule_keeps_the_former_float32_values():
+  """Built from optax pieces, the schedule gives the former values bit for
+  bit in the stable phase, the linear decay to 0 and the exponential decay;
+  optax's linear pieces round differently in the first half of the warmup
+  and in a linear decay to a nonzero end (and past the last step): there it
+  stays within the ulps measured when it was replaced."""
+  cfg = train_config("", steps=1)
+  worst: dict[str, int] = {}
+  for warmup, steps, fraction, schedule, final in itertools.product(
+      [0, 1, 5, 20], [1, 7, 200, 1000], [0, 0.2, 1], ["wsd", "wsd_exp"], [0, 0.01, 0.5]):
+    if schedule == "wsd_exp" and final == 0:
+      continue
+    t = cfg.train
+    t.warmup_steps, t.steps, t.decay_fraction, t.schedule, t.final_lr_ratio = (
+        warmup, steps, fraction, schedule, final)
+    n = steps + 6
+    lr_N = np.asarray(optim.wsd_schedule(t)(jnp.arange(n, dtype=jnp.int32)), np.float32)
+    ulps_N = np.abs(lr_N.view(np.int32).astype(np.int64)
+                    - _former_wsd(t, n).view(np.int32).astype(np.int64))
+    step = np.arange(n)
+    decay_start = steps - int(round(fraction * steps))
+    phase = np.where(step >= steps, "after the end",
+                     np.where(step < warmup - 1, "warmup",
+                              np.where(step < decay_start, "stable",
+                                       "linear decay to 0" if schedule == "wsd" and final == 0
+                                       else "linear decay" if schedule == "wsd"
+                                       else "exponential decay")))
+    for p in np.unique(phase):
+      worst[p] = max(worst.get(p, 0), int(ulps_N[phase == p].max()))
+  exact = {p: worst[p] for p in ("stable", "linear decay to 0", "exponential decay")}
+  assert exact == dict.fromkeys(exact, 0), worst
+  assert worst["warmup"] <= 4 and worst["linear decay"] <= 40 and worst["after the end"] <= 15, worst
 
 
 def test_weight_decay_skips_norms_and_biases():
