@@ -1,6 +1,7 @@
 """End-to-end training on one host: loss goes down, resumption is exact,
 logs are readable, accumulation and the schedule do what they say."""
 
+import glob
 import itertools
 import json
 import os
@@ -14,12 +15,13 @@ import numpy as np
 import pytest
 
 from nitp_jax import checkpoint as ckpt_lib
+from nitp_jax import metrics_log
 from nitp_jax import optim
 from nitp_jax import step as step_lib
-from nitp_jax import tensorboard
 from nitp_jax import train
 from tests.conftest import train_config
-from tests.helpers import max_abs_diff, read_event_records, tensorboard_view
+from tests.helpers import (crc32c, max_abs_diff, read_event_records, session_start_steps,
+                           tensorboard_view)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,39 +68,36 @@ def test_resume_refuses_a_different_model(prepared_dir, tmp_path):
 
 
 def test_tensorboard_events_are_valid(tmp_path):
-  assert tensorboard.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-  w = tensorboard.SummaryWriter(str(tmp_path))
-  w.scalars(7, {"train/loss": 1.5})
-  w.close()
-  events = read_event_records(w.path)
-  assert len(events) == 2 and b"brain.Event:2" in events[0]
-  assert b"train/loss" in events[1] and struct.pack("<f", 1.5) in events[1]
-  assert b"\x10\x07" in events[1]  # field 2 (step) = 7
-  assert tensorboard_view(str(tmp_path), "train/loss") == [(7, 1.5)]
+  assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+  log = metrics_log.MetricsLog(str(tmp_path))
+  log.write(7, {"loss": 1.5})
+  log.close()
+  [path] = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+  events = read_event_records(path)
+  assert b"brain.Event:2" in events[0]
+  [scalar] = [e for e in events if b"train/loss" in e]
+  assert struct.pack("<f", 1.5) in scalar and b"\x10\x07" in scalar  # field 2 (step) = 7
+  assert tensorboard_view(str(tmp_path / "tensorboard"), "train/loss") == [(7, 1.5)]
 
 
 def test_tensorboard_restart_drops_the_steps_that_are_run_again(tmp_path):
-  first = tensorboard.SummaryWriter(str(tmp_path))
+  first = metrics_log.MetricsLog(str(tmp_path))
+  first.truncate_after(0)
   for step in (1, 2, 3):  # a run killed after step 3, last checkpoint at 2
-    first.scalars(step, {"train/loss": float(step)})
+    first.write(step, {"loss": float(step)})
   first.close()
-  resumed = tensorboard.SummaryWriter(str(tmp_path))
-  resumed.restart_at(3)
-  resumed.scalars(3, {"train/loss": 30.0})
+  resumed = metrics_log.MetricsLog(str(tmp_path))
+  resumed.truncate_after(2)
+  resumed.write(3, {"loss": 30.0})
   resumed.close()
-  assert tensorboard_view(str(tmp_path), "train/loss") == [(1, 1.0), (2, 2.0), (3, 30.0)]
-
-
-def test_wsd_schedule_shape():
-  cfg = train_config("", steps=100)
-  cfg.train.warmup_steps, cfg.train.decay_fraction, cfg.train.lr = 10, 0.2, 1.0
-  lr = optim.wsd_schedule(cfg.train)
-  assert float(lr(0)) == pytest.approx(0.1) and float(lr(9)) == pytest.approx(1.0)
-  assert float(lr(50)) == 1.0 and float(lr(80)) == 1.0
-  assert float(lr(90)) == pytest.approx(0.5) and float(lr(100)) == pytest.approx(0.0)
-  cfg.train.schedule, cfg.train.final_lr_ratio = "wsd_exp", 0.01
-  lr = optim.wsd_schedule(cfg.train)
-  assert float(lr(90)) == pytest.approx(0.1) and float(lr(100)) == pytest.approx(0.01)
+  # The resumed file starts with a SessionLog START at step 3 (purge_step).
+  paths = sorted(glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*")))
+  assert len(paths) == 2
+  assert session_start_steps(paths[0]) == [1] and session_start_steps(paths[1]) == [3]
+  assert tensorboard_view(str(tmp_path / "tensorboard"), "train/loss") == [
+      (1, 1.0), (2, 2.0), (3, 30.0)]
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert [(r["step"], r["loss"]) for r in map(json.loads, f)] == [(1, 1.0), (2, 2.0), (3, 30.0)]
 
 
 def _former_wsd(t, n: int) -> np.ndarray:
