@@ -112,17 +112,19 @@ class Checkpointer:
     return reason
 
   def _warn_incomplete(self) -> None:
-    if not os.path.isdir(self.directory):
-      return
-    for name in sorted(os.listdir(self.directory)):
-      if ".orbax-checkpoint-tmp" in name:
-        logging.warning("ignoring incomplete checkpoint %s (its write was interrupted)",
-                        os.path.join(self.directory, name))
+    for tmp in sorted(str(t.get()) for t in ocp.path.step.all_temporary_paths(self.directory)):
+      logging.warning("ignoring incomplete checkpoint %s (its write was interrupted)", tmp)
 
   def saved_config(self, step: int) -> ml_collections.ConfigDict:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))
     return ml_collections.ConfigDict(restored["config"])
+
+  def restore_params(self, step: int) -> dict:
+    """The parameters at `step` as saved, without a target state or mesh."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+    return restored["state"]["params"]
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -171,8 +173,6 @@ def restore_params(workdir: str, step: int | None = None
   if step is None:
     raise CheckpointError(f"no checkpoint under {ckpt.directory}: train first, or pass the "
                           "--workdir of a run")
-  cfg = ckpt.saved_config(step)
-  restored = ckpt._manager.restore(step, args=ocp.args.Composite(  # pylint: disable=protected-access
-      state=ocp.args.StandardRestore()))
+  cfg, params = ckpt.saved_config(step), ckpt.restore_params(step)
   ckpt.close()
-  return cfg, restored["state"]["params"]
+  return cfg, params

@@ -3,43 +3,37 @@ of several, before anything touches a device.
 
 Where the process count and rank come from, first match wins:
 
-  flags   --coordinator_address=HOST:PORT --num_processes=N --process_id=I
-  SLURM   SLURM_NTASKS > 1: coordinator = first host of SLURM_STEP_NODELIST
-          (or SLURM_JOB_NODELIST / SLURM_NODELIST) on port
-          $NITP_COORDINATOR_PORT (default 61440 + job id % 4096), rank
-          SLURM_PROCID; one task per node sees all its GPUs.
-  TPU     a pod slice or multi-slice (TPU_WORKER_HOSTNAMES lists several
-          hosts, or MEGASCALE_COORDINATOR_ADDRESS is set): JAX reads the rest
-          from the TPU environment.
+  explicit  coordinator_address=HOST:PORT, num_processes=N, process_id=I
+            (the entry point's --coordinator_address/--num_processes/
+            --process_id flags)
+  SLURM     SLURM_NTASKS > 1: JAX's own SLURM detection, forced, reads the
+            rest (coordinator = first host of SLURM_STEP_NODELIST on port
+            61440 + SLURM_JOB_ID % 4096, or $JAX_COORDINATOR_PORT; rank
+            SLURM_PROCID). We only add the local devices: JAX would give each
+            process the one GPU SLURM_LOCALID, while one task per node
+            (launch/gpu_slurm.sh) must keep all of the node's GPUs.
+  TPU       a pod slice or multi-slice (TPU_WORKER_HOSTNAMES lists several
+            hosts, or MEGASCALE_COORDINATOR_ADDRESS is set): JAX reads the
+            rest from the TPU environment.
 
-`--distributed=on` always initializes (JAX auto-detects, e.g. a Cloud TPU
-VM pod whose shell has no TPU_* variables); `off` never does.
+mode "on" always initializes (JAX auto-detects, e.g. a Cloud TPU VM pod whose
+shell has no TPU_* variables); "off" never does. No flags are defined here:
+the entry point owns them and passes their values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from typing import Mapping
 
 import jax
-from absl import flags
 
 from nitp_jax.errors import LaunchError
 
-DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"],
-    "Multi-host start-up: auto (detect SLURM / TPU pod / the flags below), "
-    "on (always call jax.distributed.initialize()), off (single process).")
-COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", "", "HOST:PORT of process 0, for a manual multi-process launch.")
-NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Number of processes of a manual multi-process launch.")
-PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "Rank of this process (0 .. num_processes-1) in a manual launch.")
-
-SLURM_BASE_PORT = 61440
+# What jax's SLURM detection (jax/_src/clusters/slurm_cluster.py) reads
+# besides SLURM_NTASKS and SLURM_PROCID; it is skipped unless all are set.
+_JAX_SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_LOCALID")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,24 +44,14 @@ class Launch:
   num_processes: int | None = None
   process_id: int | None = None
   local_device_ids: tuple[int, ...] | None = None
+  cluster_detection_method: str | None = None
 
   def kwargs(self) -> dict:
-    fields = ("coordinator_address", "num_processes", "process_id", "local_device_ids")
-    return {f: getattr(self, f) for f in fields if getattr(self, f) is not None}
-
-
-def expand_nodelist(nodelist: str) -> list[str]:
-  """SLURM's compressed host list -> hosts: 'gpu[01-03,7],cpu1' ->
-  ['gpu01', 'gpu02', 'gpu03', 'gpu7', 'cpu1']."""
-  hosts = []
-  for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
-    if plain:
-      hosts.append(plain)
-      continue
-    for part in ranges.split(","):
-      lo, _, hi = part.partition("-")
-      hosts += [f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
-  return hosts
+    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+           if f.name != "source" and getattr(self, f.name) is not None}
+    if "local_device_ids" in out:
+      out["local_device_ids"] = list(out["local_device_ids"])
+    return out
 
 
 def _slurm_local_devices(env: Mapping[str, str], tasks: int) -> tuple[int, ...] | None:
@@ -85,19 +69,15 @@ def _slurm_local_devices(env: Mapping[str, str], tasks: int) -> tuple[int, ...] 
 
 
 def _slurm(env: Mapping[str, str]) -> Launch | None:
-  tasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+  tasks = int(env.get("SLURM_NTASKS") or 1)
   if tasks <= 1 or "SLURM_PROCID" not in env:
     return None
-  nodelist = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
-              or env.get("SLURM_NODELIST") or "")
-  hosts = expand_nodelist(nodelist)
-  if not hosts:
-    raise LaunchError(f"SLURM_NTASKS={tasks} but no SLURM_STEP_NODELIST / SLURM_NODELIST "
-                      "names the hosts: launch with srun inside an allocation")
-  port = env.get("NITP_COORDINATOR_PORT") or str(
-      SLURM_BASE_PORT + int(env.get("SLURM_JOB_ID", "0")) % 4096)
-  return Launch("slurm", f"{hosts[0]}:{port}", tasks, int(env["SLURM_PROCID"]),
-                _slurm_local_devices(env, tasks))
+  missing = [v for v in _JAX_SLURM_VARIABLES if v not in env]
+  if missing:
+    raise LaunchError(f"SLURM_NTASKS={tasks} but {', '.join(missing)} not set: launch with "
+                      "srun inside an allocation")
+  return Launch("slurm", local_device_ids=_slurm_local_devices(env, tasks),
+                cluster_detection_method="slurm")
 
 
 def _tpu(env: Mapping[str, str]) -> Launch | None:
@@ -111,6 +91,8 @@ def detect(env: Mapping[str, str], mode: str = "auto", coordinator_address: str 
            num_processes: int | None = None, process_id: int | None = None
            ) -> Launch | None:
   """The launch this process is part of, or None for a single process."""
+  if mode not in ("auto", "on", "off"):
+    raise LaunchError(f"--distributed={mode}: use auto, on or off")
   if mode == "off":
     return None
   explicit = (coordinator_address, num_processes, process_id)
@@ -128,18 +110,16 @@ def detect(env: Mapping[str, str], mode: str = "auto", coordinator_address: str 
   return launch
 
 
-def maybe_initialize(flag_values: flags.FlagValues = flags.FLAGS,
+def maybe_initialize(mode: str = "auto", coordinator_address: str = "",
+                     num_processes: int | None = None, process_id: int | None = None,
                      env: Mapping[str, str] | None = None) -> Launch | None:
   """Initialize jax.distributed if this is a multi-process launch; returns
-  the launch (None for a single process). Call before any device use."""
-  launch = detect(os.environ if env is None else env, flag_values.distributed,
-                  flag_values.coordinator_address, flag_values.num_processes,
-                  flag_values.process_id)
+  the launch (None for a single process). Call before any device use.
+  `mode` is auto, on or off; the explicit three go together."""
+  launch = detect(os.environ if env is None else env, mode, coordinator_address,
+                  num_processes, process_id)
   if launch is not None and not jax.distributed.is_initialized():
-    kwargs = launch.kwargs()
-    if "local_device_ids" in kwargs:
-      kwargs["local_device_ids"] = list(kwargs["local_device_ids"])
-    jax.distributed.initialize(**kwargs)
+    jax.distributed.initialize(**launch.kwargs())
   return launch
 
 

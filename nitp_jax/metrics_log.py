@@ -3,6 +3,7 @@ by process 0 only; plus throughput and ETA bookkeeping."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -11,7 +12,8 @@ import jax
 from absl import logging
 
 from nitp_jax import flops
-from nitp_jax.tensorboard import SummaryWriter
+
+_event_files = itertools.count()
 
 
 def format_duration(seconds: float) -> str:
@@ -45,14 +47,32 @@ def _step_of(line: str) -> float:
 
 
 class MetricsLog:
-  """Appends to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/`."""
+  """Appends to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/`.
+
+  The TensorBoard writer (a new event file per run) opens at the first
+  `truncate_after` or `write`: a resumed run's file starts with a SessionLog
+  START at the first step it runs again, so TensorBoard drops the points of
+  those steps written before."""
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb_dir = os.path.join(workdir, "tensorboard")
+    self._tb = None
     if enabled:
       self._jsonl = open(self.path, "a", encoding="utf-8")
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def _open_tensorboard(self, purge_step: int | None = None) -> None:
+    # tensorboardX imports torch when it is installed: only when writing.
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    if self._tb is not None:
+      self._tb.close()
+    # Names carry the pid and a counter: tensorboardX names files by the
+    # second and host only, and truncates a file of the same name. Its writer
+    # thread flushes every flush_secs, `write` flushes too: a killed run
+    # loses at most its last second of points.
+    self._tb = SummaryWriter(self._tb_dir, purge_step=purge_step, flush_secs=1,
+                             filename_suffix=f".{os.getpid()}.{next(_event_files)}")
 
   def write(self, step: int, metrics: dict[str, float], kind: str = "train") -> None:
     if not self.enabled:
@@ -61,14 +81,18 @@ class MetricsLog:
               **{k: float(v) for k, v in metrics.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
-    self._tb.scalars(step, {f"{kind}/{k}": float(v) for k, v in metrics.items()})
+    if self._tb is None:
+      self._open_tensorboard()
+    for k, v in metrics.items():
+      self._tb.add_scalar(f"{kind}/{k}", float(v), step, walltime=record["time"])
+    self._tb.flush()
 
   def truncate_after(self, step: int) -> None:
     """Drop records past `step`: after a resume, the steps that were run but
     not checkpointed are run (and logged) again, once."""
     if not self.enabled:
       return
-    self._tb.restart_at(step + 1)
+    self._open_tensorboard(purge_step=step + 1)
     self._jsonl.close()
     with open(self.path, encoding="utf-8") as f:
       kept = [line for line in f if _step_of(line) <= step]
@@ -87,7 +111,8 @@ class MetricsLog:
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
-      self._tb.close()
+      if self._tb is not None:
+        self._tb.close()
 
 
 class Throughput:

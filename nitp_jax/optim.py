@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -15,18 +14,32 @@ def wsd_schedule(train_cfg: ml_collections.ConfigDict) -> optax.Schedule:
   t = train_cfg
   peak, steps, warmup = t.lr, t.steps, t.warmup_steps
   decay_steps = int(round(t.decay_fraction * steps))
-  decay_start = steps - decay_steps
   final = t.final_lr_ratio
+  # peak · warmup factor · decay factor, each joined from optax pieces: the
+  # product the former hand-written formula computed, since the factors may
+  # overlap (a warmup longer than the stable phase). The stable phase, the
+  # linear decay to 0 and the exponential decay keep its float32 values bit
+  # for bit; optax's linear piece, (init - end)·(1 - x) + end, rounds unlike
+  # the former peak·x in the first half of the warmup (<= 4 ulps) and in a
+  # linear decay to a nonzero end (<= 40 ulps; tests/test_train.py). Step 0
+  # already trains at peak/warmup: the warmup factor is taken at step + 1.
+  # Each factor ends in a constant piece: XLA turns a piece's division into
+  # a multiplication that may miss its end value (a linear decay to 0 went
+  # slightly negative past the last step).
+  warm = optax.join_schedules(
+      [optax.linear_schedule(0.0, 1.0, warmup), optax.constant_schedule(1.0)],
+      [warmup]) if warmup else optax.constant_schedule(1.0)
+  decay_start, decay_len = steps - decay_steps, max(decay_steps, 1)
+  if t.schedule == "wsd_exp":
+    decay = optax.exponential_decay(1.0, decay_len, final)
+  else:
+    decay = optax.linear_schedule(1.0, final, decay_len)
+  decay = optax.join_schedules(
+      [optax.constant_schedule(1.0), decay, optax.constant_schedule(final)],
+      [decay_start, decay_start + decay_len])
 
   def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    warm = jnp.minimum(1.0, (step + 1) / max(warmup, 1)) if warmup else 1.0
-    progress = jnp.clip((step - decay_start) / max(decay_steps, 1), 0.0, 1.0)
-    if t.schedule == "wsd_exp":
-      decay = final ** progress
-    else:
-      decay = 1.0 - (1.0 - final) * progress
-    return peak * warm * decay
+    return peak * warm(step + 1) * decay(step)
 
   return schedule
 

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from nitp_jax import config as config_lib
-from nitp_jax import tensorboard
 
 
 def small_config(moe: bool = False, **nitp):
@@ -55,21 +54,54 @@ def max_abs_diff(a, b) -> float:
 
 # ---- TensorBoard event files, read back independently of the writer ----
 
+def _crc32c_table() -> list[int]:
+  table = []
+  for i in range(256):
+    crc = i
+    for _ in range(8):
+      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    table.append(crc)
+  return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
+
+
+def masked_crc(data: bytes) -> int:
+  """The CRC of a TFRecord: CRC-32C rotated right by 15 plus a constant."""
+  crc = crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
 def read_event_records(path: str) -> list[bytes]:
-  """The payloads of an event file, checking both CRCs of every record."""
+  """The payloads of an event file, checking both CRCs of every record
+  (uint64 length, its masked CRC, payload, the payload's masked CRC). A
+  record cut short at the end of the file (a killed writer) is not read,
+  as TensorBoard does."""
   with open(path, "rb") as f:
     data = f.read()
   events, i = [], 0
-  while i < len(data):
+  while i + 12 <= len(data):
     header = data[i:i + 8]
     (length,) = struct.unpack("<Q", header)
-    assert struct.unpack("<I", data[i + 8:i + 12])[0] == tensorboard.masked_crc(header)
+    assert struct.unpack("<I", data[i + 8:i + 12])[0] == masked_crc(header)
+    if i + 16 + length > len(data):
+      break
     payload = data[i + 12:i + 12 + length]
-    assert struct.unpack("<I", data[i + 12 + length:i + 16 + length])[0] == \
-        tensorboard.masked_crc(payload)
+    assert struct.unpack("<I", data[i + 12 + length:i + 16 + length])[0] == masked_crc(payload)
     events.append(payload)
     i += 16 + length
   return events
+
+
+SESSION_START = 1  # SessionLog.SessionStatus.START
 
 
 def _proto_fields(data: bytes) -> list[tuple[int, int | bytes]]:
@@ -98,6 +130,17 @@ def _proto_fields(data: bytes) -> list[tuple[int, int | bytes]]:
   return out
 
 
+def _session_start(fields: dict) -> bool:
+  """Event field 7 is a SessionLog; its field 1 the status."""
+  return 7 in fields and dict(_proto_fields(fields[7])).get(1) == SESSION_START
+
+
+def session_start_steps(path: str) -> list[int]:
+  """The steps of the SessionLog START events in one event file."""
+  return [fields.get(2, 0) for fields in map(dict, map(_proto_fields, read_event_records(path)))
+          if _session_start(fields)]
+
+
 def tensorboard_view(logdir: str, tag: str) -> list[tuple[int, float]]:
   """The (step, value) points TensorBoard shows for `tag`: event files in
   name order, and a SessionLog START at step s drops earlier points at s or
@@ -107,7 +150,7 @@ def tensorboard_view(logdir: str, tag: str) -> list[tuple[int, float]]:
     for payload in read_event_records(path):
       fields = dict(_proto_fields(payload))
       step = fields.get(2, 0)
-      if 7 in fields and dict(_proto_fields(fields[7])).get(1) == tensorboard.SESSION_START:
+      if _session_start(fields):
         points = [p for p in points if p[0] < step]
       for number, value in _proto_fields(fields.get(5, b"")):
         entry = dict(_proto_fields(value)) if number == 1 else {}

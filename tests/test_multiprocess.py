@@ -83,27 +83,71 @@ def test_two_processes_log_the_same_losses_as_one(prepared_dir, tmp_path):
 # ---- how a process learns it is one of several ----
 
 
-def test_slurm_nodelists_expand():
-  assert distributed.expand_nodelist("gpu[01-03,7],cpu1") == ["gpu01", "gpu02", "gpu03",
-                                                              "gpu7", "cpu1"]
-  assert distributed.expand_nodelist("n[8-10]") == ["n8", "n9", "n10"]
-  assert distributed.expand_nodelist("node001") == ["node001"]
+SLURM_PROCESS = """\
+import json
+import jax
+from jax.experimental import multihost_utils
+from nitp_jax import distributed
+launch = distributed.maybe_initialize()
+ranks = multihost_utils.process_allgather(jax.numpy.int32(jax.process_index()))
+print(json.dumps({"source": launch.source, "count": jax.process_count(),
+                  "index": jax.process_index(), "ranks": ranks.tolist()}))
+"""
+
+
+def free_slurm_port() -> int:
+  """A free port where JAX's SLURM detection looks: 61440 + job id % 4096."""
+  for port in np.random.default_rng().permutation(np.arange(61440, 65536)):
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", int(port)))
+      except OSError:
+        continue
+      return int(port)
+  raise RuntimeError("no free port in [61440, 65536)")
+
+
+def test_slurm_variables_alone_bring_up_two_processes():
+  """srun's environment on one host: JAX's own SLURM detection (through
+  maybe_initialize) finds the coordinator, the count and the ranks."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TPU_", "JAX_"))}
+  env |= {"JAX_PLATFORMS": "cpu", "SLURM_JOB_ID": str(free_slurm_port() - 61440),
+          "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_NODES": "1"}
+  procs = [subprocess.Popen([sys.executable, "-c", SLURM_PROCESS], cwd=ROOT, text=True,
+                            env=env | {"SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert [json.loads(out.splitlines()[-1]) for out, _ in outs] == [
+      {"source": "slurm", "count": 2, "index": i, "ranks": [0, 1]} for i in range(2)]
 
 
 def test_slurm_one_task_per_node_uses_every_gpu():
   env = {"SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_STEP_NODELIST": "gpu[03-06]",
-         "SLURM_JOB_ID": "4097", "SLURM_NNODES": "4", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
-  assert distributed.detect(env) == distributed.Launch("slurm", "gpu03:61441", 4, 2,
-                                                       (0, 1, 2, 3))
-  env |= {"NITP_COORDINATOR_PORT": "999"}
-  assert distributed.detect(env).coordinator_address == "gpu03:999"
+         "SLURM_JOB_ID": "4097", "SLURM_LOCALID": "0", "SLURM_NNODES": "4",
+         "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+  launch = distributed.detect(env)
+  assert launch == distributed.Launch("slurm", local_device_ids=(0, 1, 2, 3),
+                                      cluster_detection_method="slurm")
+  assert launch.kwargs() == {"local_device_ids": [0, 1, 2, 3], "cluster_detection_method": "slurm"}
 
 
 def test_slurm_one_task_per_gpu_uses_its_own():
-  env = {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_NODELIST": "a,b", "SLURM_NNODES": "2",
-         "SLURM_LOCALID": "1"}
+  env = {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_STEP_NODELIST": "a,b",
+         "SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_LOCALID": "1"}
   assert distributed.detect(env).local_device_ids == (1,)
   assert distributed.detect(env | {"CUDA_VISIBLE_DEVICES": "1"}).local_device_ids == (0,)
+
+
+def test_slurm_without_srun_variables_says_so():
+  with pytest.raises(distributed.LaunchError, match="SLURM_STEP_NODELIST, SLURM_LOCALID not set"):
+    distributed.detect({"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_JOB_ID": "1"})
 
 
 def test_single_process_tpu_pod_and_flags():
@@ -121,6 +165,8 @@ def test_single_process_tpu_pod_and_flags():
     distributed.detect({}, coordinator_address="h:1")
   with pytest.raises(distributed.LaunchError, match=r"--process_id=2 must be in \[0"):
     distributed.detect({}, coordinator_address="h:1", num_processes=2, process_id=2)
+  with pytest.raises(distributed.LaunchError, match="use auto, on or off"):
+    distributed.detect({}, mode="yes")
 
 
 def one_process_reference(config_path: str, workdir: str) -> None:

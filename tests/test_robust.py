@@ -13,6 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from nitp_jax import checkpoint as ckpt_lib
@@ -58,9 +59,7 @@ class Run:
 
   def writing_checkpoint(self, after: int) -> bool:
     d = os.path.join(self.workdir, "checkpoints")
-    return os.path.isdir(d) and any(
-        n.endswith("orbax-checkpoint-tmp") and int(n.split(".")[0]) > after
-        for n in os.listdir(d))
+    return any(int(t.get_final().name) > after for t in ocp.path.step.all_temporary_paths(d))
 
   def finish(self, timeout=180.0) -> tuple[int, str]:
     out, _ = self.proc.communicate(timeout=timeout)
@@ -151,6 +150,20 @@ def test_corrupt_latest_falls_back_to_newest_intact(prepared_dir, tmp_path, capl
   with pytest.raises(ckpt_lib.CheckpointError, match="none of the 2 checkpoints .* Not starting "
                      "from scratch"):
     train.run(cfg, workdir)
+
+
+def test_an_interrupted_checkpoint_write_is_named_and_skipped(tmp_path, caplog):
+  """What a kill during a save leaves behind (Orbax's temporary directory)."""
+  tmp = tmp_path / "checkpoints" / "12.orbax-checkpoint-tmp"
+  tmp.mkdir(parents=True)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=3)
+  try:
+    assert ckpt.latest_step() is None
+    assert ckpt.restore_latest(None, None, None) is None
+  finally:
+    ckpt.close()
+  assert any(str(tmp) in r.getMessage() and "incomplete" in r.getMessage()
+             for r in caplog.records)
 
 
 def test_checkpoint_from_another_process_count_restores_with_a_new_order(

@@ -1,6 +1,8 @@
 """End-to-end training on one host: loss goes down, resumption is exact,
 logs are readable, accumulation and the schedule do what they say."""
 
+import glob
+import itertools
 import json
 import os
 import struct
@@ -13,12 +15,13 @@ import numpy as np
 import pytest
 
 from nitp_jax import checkpoint as ckpt_lib
+from nitp_jax import metrics_log
 from nitp_jax import optim
 from nitp_jax import step as step_lib
-from nitp_jax import tensorboard
 from nitp_jax import train
 from tests.conftest import train_config
-from tests.helpers import max_abs_diff, read_event_records, tensorboard_view
+from tests.helpers import (crc32c, max_abs_diff, read_event_records, session_start_steps,
+                           tensorboard_view)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,39 +68,89 @@ def test_resume_refuses_a_different_model(prepared_dir, tmp_path):
 
 
 def test_tensorboard_events_are_valid(tmp_path):
-  assert tensorboard.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-  w = tensorboard.SummaryWriter(str(tmp_path))
-  w.scalars(7, {"train/loss": 1.5})
-  w.close()
-  events = read_event_records(w.path)
-  assert len(events) == 2 and b"brain.Event:2" in events[0]
-  assert b"train/loss" in events[1] and struct.pack("<f", 1.5) in events[1]
-  assert b"\x10\x07" in events[1]  # field 2 (step) = 7
-  assert tensorboard_view(str(tmp_path), "train/loss") == [(7, 1.5)]
+  assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+  log = metrics_log.MetricsLog(str(tmp_path))
+  log.write(7, {"loss": 1.5})
+  log.close()
+  [path] = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+  events = read_event_records(path)
+  assert b"brain.Event:2" in events[0]
+  [scalar] = [e for e in events if b"train/loss" in e]
+  assert struct.pack("<f", 1.5) in scalar and b"\x10\x07" in scalar  # field 2 (step) = 7
+  assert tensorboard_view(str(tmp_path / "tensorboard"), "train/loss") == [(7, 1.5)]
 
 
 def test_tensorboard_restart_drops_the_steps_that_are_run_again(tmp_path):
-  first = tensorboard.SummaryWriter(str(tmp_path))
+  first = metrics_log.MetricsLog(str(tmp_path))
+  first.truncate_after(0)
   for step in (1, 2, 3):  # a run killed after step 3, last checkpoint at 2
-    first.scalars(step, {"train/loss": float(step)})
+    first.write(step, {"loss": float(step)})
   first.close()
-  resumed = tensorboard.SummaryWriter(str(tmp_path))
-  resumed.restart_at(3)
-  resumed.scalars(3, {"train/loss": 30.0})
+  resumed = metrics_log.MetricsLog(str(tmp_path))
+  resumed.truncate_after(2)
+  resumed.write(3, {"loss": 30.0})
   resumed.close()
-  assert tensorboard_view(str(tmp_path), "train/loss") == [(1, 1.0), (2, 2.0), (3, 30.0)]
+  # The resumed file starts with a SessionLog START at step 3 (purge_step).
+  paths = sorted(glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*")))
+  assert len(paths) == 2
+  assert session_start_steps(paths[0]) == [1] and session_start_steps(paths[1]) == [3]
+  assert tensorboard_view(str(tmp_path / "tensorboard"), "train/loss") == [
+      (1, 1.0), (2, 2.0), (3, 30.0)]
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert [(r["step"], r["loss"]) for r in map(json.loads, f)] == [(1, 1.0), (2, 2.0), (3, 30.0)]
 
 
-def test_wsd_schedule_shape():
-  cfg = train_config("", steps=100)
-  cfg.train.warmup_steps, cfg.train.decay_fraction, cfg.train.lr = 10, 0.2, 1.0
-  lr = optim.wsd_schedule(cfg.train)
-  assert float(lr(0)) == pytest.approx(0.1) and float(lr(9)) == pytest.approx(1.0)
-  assert float(lr(50)) == 1.0 and float(lr(80)) == 1.0
-  assert float(lr(90)) == pytest.approx(0.5) and float(lr(100)) == pytest.approx(0.0)
-  cfg.train.schedule, cfg.train.final_lr_ratio = "wsd_exp", 0.01
-  lr = optim.wsd_schedule(cfg.train)
-  assert float(lr(90)) == pytest.approx(0.1) and float(lr(100)) == pytest.approx(0.01)
+def _former_wsd(t, n: int) -> np.ndarray:
+  """The hand-written schedule this one replaced, op by op in float32, as XLA
+  evaluated it: a division by a scalar is a multiplication by its float32
+  reciprocal, and the power is XLA's (jnp.power), not NumPy's."""
+  f32 = np.float32
+  decay_steps = int(round(t.decay_fraction * t.steps))
+  step = np.arange(n).astype(f32)
+  progress = np.clip((step - f32(t.steps - decay_steps)) * (f32(1) / f32(max(decay_steps, 1))),
+                     f32(0), f32(1))
+  if t.schedule == "wsd_exp":
+    decay = np.asarray(jnp.power(jnp.float32(t.final_lr_ratio), jnp.asarray(progress)))
+  else:
+    decay = f32(1) - f32(1.0 - t.final_lr_ratio) * progress
+  if not t.warmup_steps:
+    return f32(t.lr) * decay
+  warm = np.minimum(f32(1), (step + f32(1)) * (f32(1) / f32(t.warmup_steps)))
+  return f32(t.lr) * warm * decay
+
+
+def test_wsd_schedule_keeps_the_former_float32_values():
+  """Built from optax pieces, the schedule gives the former values bit for
+  bit in the stable phase, the linear decay to 0 and the exponential decay;
+  optax's linear pieces round differently in the first half of the warmup
+  and in a linear decay to a nonzero end (and past the last step): there it
+  stays within the ulps measured when it was replaced."""
+  cfg = train_config("", steps=1)
+  worst: dict[str, int] = {}
+  for warmup, steps, fraction, schedule, final in itertools.product(
+      [0, 1, 5, 20], [1, 7, 200, 1000], [0, 0.2, 1], ["wsd", "wsd_exp"], [0, 0.01, 0.5]):
+    if schedule == "wsd_exp" and final == 0:
+      continue
+    t = cfg.train
+    t.warmup_steps, t.steps, t.decay_fraction, t.schedule, t.final_lr_ratio = (
+        warmup, steps, fraction, schedule, final)
+    n = steps + 6
+    lr_N = np.asarray(optim.wsd_schedule(t)(jnp.arange(n, dtype=jnp.int32)), np.float32)
+    ulps_N = np.abs(lr_N.view(np.int32).astype(np.int64)
+                    - _former_wsd(t, n).view(np.int32).astype(np.int64))
+    step = np.arange(n)
+    decay_start = steps - int(round(fraction * steps))
+    phase = np.where(step >= steps, "after the end",
+                     np.where(step < warmup - 1, "warmup",
+                              np.where(step < decay_start, "stable",
+                                       "linear decay to 0" if schedule == "wsd" and final == 0
+                                       else "linear decay" if schedule == "wsd"
+                                       else "exponential decay")))
+    for p in np.unique(phase):
+      worst[p] = max(worst.get(p, 0), int(ulps_N[phase == p].max()))
+  exact = {p: worst[p] for p in ("stable", "linear decay to 0", "exponential decay")}
+  assert exact == dict.fromkeys(exact, 0), worst
+  assert worst["warmup"] <= 4 and worst["linear decay"] <= 40 and worst["after the end"] <= 15, worst
 
 
 def test_weight_decay_skips_norms_and_biases():
