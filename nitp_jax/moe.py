@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from nitp_jax.layers import SwiGLU, param
+from nitp_jax.model_config import MoEConfig
 
 
 class Routing(NamedTuple):
@@ -216,23 +217,17 @@ def dispatch_ragged_sharded(x_NxD, r: Routing, w, num_experts: int):
 
 
 class MoE(nn.Module):
-  num_experts: int
-  top_k: int
-  expert_ffn: int
-  num_shared_experts: int
-  shared_expert_ffn: int
-  renormalize: bool
-  routed_scaling: float
-  dispatch: str
-  capacity_factor: float
+  """The MoE FFN as `cfg` describes it; init std and dtypes are the model's."""
+  cfg: MoEConfig
   std: float
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    c = self.cfg
     b, t, d = x_BxTxD.shape
-    e, f = self.num_experts, self.expert_ffn
+    e, f = c.num_experts, c.expert_ffn
     router_DxE = param(self, "router", (d, e), ("embed", None), self.std, self.param_dtype)
     w = tuple(param(self, name, shape, axes, self.std, self.param_dtype).astype(self.dtype)
               for name, shape, axes in (
@@ -242,22 +237,22 @@ class MoE(nn.Module):
     x = x_BxTxD.astype(self.dtype)
     x_NxD = x.reshape(b * t, d)
     logits_NxE = jnp.einsum("nd,de->ne", x_NxD.astype(jnp.float32), router_DxE.astype(jnp.float32))
-    r = route(logits_NxE, self.top_k, self.renormalize, self.routed_scaling)
-    if self.dispatch == "capacity":
-      y, dropped = dispatch_capacity(x, r, w, e, self.capacity_factor)
-    elif self.dispatch == "gather":
-      y, dropped = dispatch_gather(x, r, w, e, self.capacity_factor)
-    elif self.dispatch == "ragged" and expert_shards() > 1:
+    r = route(logits_NxE, c.top_k, c.renormalize, c.routed_scaling)
+    if c.dispatch == "capacity":
+      y, dropped = dispatch_capacity(x, r, w, e, c.capacity_factor)
+    elif c.dispatch == "gather":
+      y, dropped = dispatch_gather(x, r, w, e, c.capacity_factor)
+    elif c.dispatch == "ragged" and expert_shards() > 1:
       y, dropped = dispatch_ragged_sharded(x_NxD, r, w, e)
-    elif self.dispatch == "ragged":
+    elif c.dispatch == "ragged":
       y, dropped = dispatch_ragged(x_NxD, r, w, e)
-    elif self.dispatch == "dense":
+    elif c.dispatch == "dense":
       y, dropped = dispatch_dense(x_NxD, r, w, e)
     else:
-      raise ValueError(f"unknown MoE dispatch {self.dispatch!r}")
+      raise ValueError(f"unknown MoE dispatch {c.dispatch!r}")
     y_BxTxD = y.reshape(b, t, d)
-    if self.num_shared_experts:
-      y_BxTxD += SwiGLU(self.num_shared_experts * self.shared_expert_ffn, self.std,
+    if c.num_shared_experts:
+      y_BxTxD += SwiGLU(c.num_shared_experts * c.shared_expert_ffn, self.std,
                         self.dtype, self.param_dtype, name="shared")(x)
     aux = {"load_balance": load_balance_loss(r, e), "router_z": router_z_loss(r),
            "dropped_fraction": dropped}
