@@ -23,6 +23,7 @@ from absl import app, flags
 
 import common
 from nitp_jax.layers import SwiGLU, dtype
+from nitp_jax.model_config import MoEConfig
 from nitp_jax.moe import MoE
 
 DISPATCHES = ("gather", "capacity", "ragged", "dense")
@@ -43,8 +44,10 @@ flags.DEFINE_integer("reps", 1, "Calls per variant per round.")
 
 def moe_module(dispatch: str) -> MoE:
   cdt = dtype(FLAGS.dtype)
-  return MoE(FLAGS.experts, FLAGS.top_k, FLAGS.expert_ffn, FLAGS.shared, FLAGS.expert_ffn,
-             False, 1.0, dispatch, FLAGS.capacity_factor, 0.02, cdt, jnp.float32)
+  cfg = MoEConfig(num_experts=FLAGS.experts, top_k=FLAGS.top_k, expert_ffn=FLAGS.expert_ffn,
+                  num_shared_experts=FLAGS.shared, shared_expert_ffn=FLAGS.expert_ffn,
+                  dispatch=dispatch, capacity_factor=FLAGS.capacity_factor)
+  return MoE(cfg, 0.02, cdt, jnp.float32)
 
 
 def fwd_bwd(module, params, x_BxTxD, group: int = 0):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from nitp_jax.errors import ConfigError
 from nitp_jax.layers import flat_matmul, param, rope
+from nitp_jax.model_config import AttentionConfig
 
 
 def document_causal_mask(segment_ids_BxT: jax.Array) -> jax.Array:
@@ -67,35 +68,32 @@ def attend(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
 
 
 class Attention(nn.Module):
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  qkv_bias: bool
-  rope_theta: float
+  """Self-attention as `cfg` describes it; init std and dtypes are the model's."""
+  cfg: AttentionConfig
   std: float
-  impl: str = "xla"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, segment_ids_BxT: jax.Array,
                positions_BxT: jax.Array) -> jax.Array:
+    c = self.cfg
     d = x_BxTxD.shape[-1]
-    n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
+    n, k, h = c.num_heads, c.num_kv_heads, c.head_dim
     p = lambda name, shape, axes, std=self.std: param(
         self, name, shape, axes, std, self.param_dtype).astype(self.dtype)
     x = x_BxTxD.astype(self.dtype)
     q_BxTxNxH = flat_matmul(x, p("q", (d, n, h), ("embed", "q_heads", "head_dim")))
     k_BxTxKxH = flat_matmul(x, p("k", (d, k, h), ("embed", "kv_heads", "head_dim")))
     v_BxTxKxH = flat_matmul(x, p("v", (d, k, h), ("embed", "kv_heads", "head_dim")))
-    if self.qkv_bias:
+    if c.qkv_bias:
       q_BxTxNxH += p("q_bias", (n, h), ("q_heads", "head_dim"), 0.0)
       k_BxTxKxH += p("k_bias", (k, h), ("kv_heads", "head_dim"), 0.0)
       v_BxTxKxH += p("v_bias", (k, h), ("kv_heads", "head_dim"), 0.0)
-    q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, self.rope_theta)
-    k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, self.rope_theta)
+    q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, c.rope_theta)
+    k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, c.rope_theta)
     q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("batch", "length", "q_heads", "head_dim"))
     out_BxTxNxH = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
-                         resolve_impl(self.impl, self.dtype, h))
+                         resolve_impl(c.impl, self.dtype, h))
     o_NxHxD = p("o", (n, h, d), ("q_heads", "head_dim", "embed"))
     return flat_matmul(out_BxTxNxH, o_NxHxD, contract=2)

@@ -13,6 +13,7 @@ import ml_collections
 
 from nitp_jax.errors import ConfigError
 
+# Allowed values; the model/moe/nitp ones are checked in model_config.py.
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")  # auto: cudnn on GPU in bf16/fp16, else xla
 DISPATCHES = ("gather", "capacity", "ragged", "dense")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -171,83 +172,26 @@ def is_moe(cfg) -> bool:
   return cfg.model.moe.num_experts > 0
 
 
-def _check_cudnn(cfg) -> None:
-  """cuDNN flash attention (jax 0.10): bf16/fp16 only, head_dim a multiple of
-  8 up to 256 (128 before Hopper), even length when a mask is passed (the
-  document mask becomes an additive bias)."""
-  m = cfg.model
-  if m.compute_dtype not in ("bfloat16", "float16"):
-    _fail("model.attention_impl", "cudnn", f"needs model.compute_dtype bfloat16 or "
-          f"float16, not {m.compute_dtype!r} (use 'xla' or 'auto')")
-  if m.head_dim % 8 or m.head_dim > 256:
-    _fail("model.attention_impl", "cudnn", f"needs model.head_dim a multiple of 8 "
-          f"and <= 256, not {m.head_dim} (use 'xla')")
-  if cfg.train.seq_len % 2:
-    _fail("model.attention_impl", "cudnn", f"needs an even train.seq_len, not "
-          f"{cfg.train.seq_len} (use 'xla')")
-
-
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Raise ConfigError naming the first bad field; return cfg if all is well."""
-  m, e, n, t = cfg.model, cfg.model.moe, cfg.nitp, cfg.train
-  _positive(cfg, "model.vocab_size", "model.d_model", "model.num_layers",
-            "model.num_heads", "model.num_kv_heads", "model.head_dim",
-            "model.ffn_dim", "model.rope_theta", "model.norm_eps",
-            "model.max_seq_len", "train.steps", "train.global_batch",
-            "train.seq_len", "train.microbatches", "train.lr",
-            "train.log_every", "train.eval_every", "train.checkpoint_every",
-            "train.keep_checkpoints", "train.grad_clip", "model.init_std")
-  if m.num_heads % m.num_kv_heads:
-    _fail("model.num_kv_heads", m.num_kv_heads,
-          f"must divide model.num_heads={m.num_heads} (grouped-query attention)")
-  if m.head_dim % 2:
-    _fail("model.head_dim", m.head_dim, "must be even (RoPE rotates pairs)")
-  _choice(cfg, "model.attention_impl", ATTENTION_IMPLS)
-  if m.attention_impl == "cudnn":
-    _check_cudnn(cfg)
-  if not isinstance(m.ce_chunk, int) or m.ce_chunk < 0:
-    _fail("model.ce_chunk", m.ce_chunk, "must be an int >= 0 (0 = full logits)")
+  """Raise ConfigError naming the first bad field; return cfg if all is well.
+
+  The model, MoE and NITP fields are checked where they are typed
+  (`model_config`, next to each field); the rest here.
+  """
+  # model_config imports this module (the allowed values).
+  from nitp_jax import model_config  # pylint: disable=import-outside-toplevel
+  model_config.from_config(cfg)
+  m, t = cfg.model, cfg.train
+  _positive(cfg, "train.steps", "train.global_batch", "train.seq_len",
+            "train.microbatches", "train.lr", "train.log_every", "train.eval_every",
+            "train.checkpoint_every", "train.keep_checkpoints", "train.grad_clip")
+  if m.attention_impl == "cudnn" and t.seq_len % 2:
+    # cuDNN flash attention turns the document mask into a bias: even length.
+    _fail("model.attention_impl", "cudnn", f"needs an even train.seq_len, not "
+          f"{t.seq_len} (use 'xla')")
   if t.peak_flops_per_device < 0:
     _fail("train.peak_flops_per_device", t.peak_flops_per_device,
           "must be >= 0 (0 = detect the chip or measure the CPU)")
-  _choice(cfg, "model.remat_policy", REMAT_POLICIES)
-  _choice(cfg, "model.compute_dtype", DTYPES)
-  _choice(cfg, "model.param_dtype", DTYPES)
-  if e.num_experts < 0:
-    _fail("model.moe.num_experts", e.num_experts, "must be >= 0 (0 = dense)")
-  if is_moe(cfg):
-    _positive(cfg, "model.moe.top_k", "model.moe.expert_ffn",
-              "model.moe.capacity_factor", "model.moe.routed_scaling")
-    if e.top_k > e.num_experts:
-      _fail("model.moe.top_k", e.top_k,
-            f"must be <= model.moe.num_experts={e.num_experts}")
-    if not 0 <= e.num_dense_layers < m.num_layers:
-      _fail("model.moe.num_dense_layers", e.num_dense_layers,
-            f"must be in [0, model.num_layers={m.num_layers}) so at least "
-            "one MoE block remains")
-    if e.num_shared_experts < 0:
-      _fail("model.moe.num_shared_experts", e.num_shared_experts, "must be >= 0")
-    if e.num_shared_experts:
-      _positive(cfg, "model.moe.shared_expert_ffn")
-    _choice(cfg, "model.moe.dispatch", DISPATCHES)
-    if e.aux_loss_weight < 0 or e.z_loss_weight < 0:
-      _fail("model.moe.aux_loss_weight", e.aux_loss_weight,
-            "aux_loss_weight and z_loss_weight must be >= 0")
-  if not 0 <= n.target_layer <= m.num_layers:
-    _fail("nitp.target_layer", n.target_layer,
-          f"must be in [0, model.num_layers={m.num_layers}] "
-          "(0 = embedding output)")
-  if n.shift not in (0, 1):
-    _fail("nitp.shift", n.shift, "must be 1 (t -> t+1, the paper) or 0 (same position)")
-  _choice(cfg, "nitp.loss", NITP_LOSSES)
-  _choice(cfg, "nitp.variant", NITP_VARIANTS)
-  _choice(cfg, "nitp.projector", PROJECTORS)
-  _choice(cfg, "nitp.hidden_source", HIDDEN_SOURCES)
-  if n.weight < 0:
-    _fail("nitp.weight", n.weight, "must be >= 0 (0 = plain next-token prediction)")
-  if n.start_step < 0:
-    _fail("nitp.start_step", n.start_step, "must be >= 0")
-  _positive(cfg, "nitp.projector_mult")
   _choice(cfg, "train.schedule", SCHEDULES)
   if t.seq_len > m.max_seq_len:
     _fail("train.seq_len", t.seq_len,

@@ -12,15 +12,17 @@ out of the one forward pass without keeping every layer's output.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from nitp_jax import model_config
 from nitp_jax.attention import Attention
-from nitp_jax.layers import RMSNorm, SwiGLU, dtype, flat_matmul, param
+from nitp_jax.layers import RMSNorm, SwiGLU, flat_matmul, param
+from nitp_jax.model_config import ModelConfig, NITPConfig
 from nitp_jax.moe import MoE
 
 REMAT_POLICIES = {
@@ -33,24 +35,20 @@ AUX_KEYS = ("load_balance", "router_z", "dropped_fraction")
 
 class Block(nn.Module):
   """Pre-norm block: x + attn(norm(x)), then + ffn(norm(x)) (dense or MoE)."""
-  cfg: Any  # frozen model config
-  moe: bool
+  cfg: ModelConfig
+  moe: bool            # this block's FFN is cfg.moe's (else the dense SwiGLU)
 
   @nn.compact
   def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT):
     c = self.cfg
-    cdt, pdt = dtype(c.compute_dtype), dtype(c.param_dtype)
+    cdt, pdt = c.compute_jnp_dtype, c.param_jnp_dtype
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
     h = RMSNorm(c.norm_eps, pdt, name="attn_norm")(x_BxTxD)
-    x_BxTxD = x_BxTxD + Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.qkv_bias,
-                                  c.rope_theta, c.init_std, c.attention_impl, cdt, pdt,
-                                  name="attn")(h, segment_ids_BxT, positions_BxT).astype(x_BxTxD.dtype)
+    attn = Attention(c.attention, c.init_std, cdt, pdt, name="attn")
+    x_BxTxD = x_BxTxD + attn(h, segment_ids_BxT, positions_BxT).astype(x_BxTxD.dtype)
     h = RMSNorm(c.norm_eps, pdt, name="ffn_norm")(x_BxTxD)
     if self.moe:
-      e = c.moe
-      y, aux = MoE(e.num_experts, e.top_k, e.expert_ffn, e.num_shared_experts,
-                   e.shared_expert_ffn, e.renormalize, e.routed_scaling, e.dispatch,
-                   e.capacity_factor, c.init_std, cdt, pdt, name="moe")(h)
+      y, aux = MoE(c.moe, c.init_std, cdt, pdt, name="moe")(h)
     else:
       y = SwiGLU(c.ffn_dim, c.init_std, cdt, pdt, name="mlp")(h)
       aux = {k: jnp.float32(0.0) for k in AUX_KEYS}
@@ -70,15 +68,15 @@ def _remat(block_cls, policy: str, scanned: bool):
 
 
 class Transformer(nn.Module):
-  cfg: Any             # frozen model config (cfg.model)
-  target_layer: int    # NITP k
-  last_after_norm: bool = True
+  """The backbone; `nitp` says which hidden states come out (k, h_L's norm)."""
+  cfg: ModelConfig
+  nitp: NITPConfig
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None,
                positions_BxT: jax.Array | None = None, return_logits: bool = True):
-    c = self.cfg
-    cdt, pdt = dtype(c.compute_dtype), dtype(c.param_dtype)
+    c, k = self.cfg, self.nitp.target_layer
+    cdt, pdt = c.compute_jnp_dtype, c.param_jnp_dtype
     b, t = tokens_BxT.shape
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.ones((b, t), jnp.int32)
@@ -89,10 +87,10 @@ class Transformer(nn.Module):
     # it), so the rows come out batch-sharded without a full rematerialization.
     lookup_VxD = nn.with_logical_constraint(embed_VxD, ("vocab", None))
     x_BxTxD = jnp.take(lookup_VxD, tokens_BxT, axis=0).astype(cdt)
-    num_dense = c.num_layers if c.moe.num_experts == 0 else c.moe.num_dense_layers
+    num_dense = c.num_dense_layers
     target_BxTxD = x_BxTxD
     aux_layers = []
-    for start, end, is_moe in segments(c.num_layers, num_dense, self.target_layer):
+    for start, end, is_moe in segments(c.num_layers, num_dense, k):
       if c.scan_layers:
         stack = nn.scan(_remat(Block, c.remat_policy, True),
                         variable_axes={"params": 0}, split_rngs={"params": True},
@@ -106,7 +104,7 @@ class Transformer(nn.Module):
         for i in range(start, end):
           x_BxTxD, aux = block(c, is_moe, name=f"layer_{i}")(x_BxTxD, segment_ids_BxT, positions_BxT)
           aux_layers.append(jax.tree.map(lambda a: a[None], aux))
-      if end == self.target_layer:
+      if end == k:
         target_BxTxD = x_BxTxD
     normed_BxTxD = RMSNorm(c.norm_eps, pdt, name="final_norm")(x_BxTxD)
     if c.tie_embeddings:
@@ -115,7 +113,7 @@ class Transformer(nn.Module):
       unembed_DxV = param(self, "unembed", (c.d_model, c.vocab_size), ("embed", "vocab"),
                           c.init_std, pdt)
     hidden = {"target": target_BxTxD,
-              "last": normed_BxTxD if self.last_after_norm else x_BxTxD}
+              "last": normed_BxTxD if self.nitp.last_after_norm else x_BxTxD}
     aux = _mean_moe_aux(aux_layers, num_dense < c.num_layers, c.num_layers - num_dense)
     if not return_logits:
       return normed_BxTxD, hidden, aux
@@ -144,44 +142,41 @@ def _mean_moe_aux(aux_layers: list[dict], has_moe: bool, num_moe: int) -> dict:
 
 class Projector(nn.Module):
   """NITP projector P: SwiGLU d -> mult*d -> d (12 d^2 params at mult 4)."""
-  d_model: int
-  mult: int
-  std: float
-  compute_dtype: str = "float32"
-  param_dtype: str = "float32"
+  cfg: ModelConfig
+  nitp: NITPConfig
 
   @nn.compact
   def __call__(self, h_BxTxD: jax.Array) -> jax.Array:
-    return SwiGLU(self.mult * self.d_model, self.std, dtype(self.compute_dtype),
-                  dtype(self.param_dtype), name="mlp")(h_BxTxD)
+    c = self.cfg
+    return SwiGLU(self.nitp.projector_mult * c.d_model, c.init_std, c.compute_jnp_dtype,
+                  c.param_jnp_dtype, name="mlp")(h_BxTxD)
 
 
 def uses_projector(cfg: ml_collections.ConfigDict) -> bool:
-  n = cfg.nitp
-  return n.weight > 0 and n.variant == "nitp" and n.projector == "swiglu"
+  return model_config.from_config(cfg)[1].uses_projector
 
 
 def build(cfg: ml_collections.ConfigDict) -> tuple[Transformer, Projector | None]:
-  """The backbone and (when NITP needs one) the projector for a config."""
-  m = cfg.model
-  model = Transformer(ml_collections.FrozenConfigDict(m), cfg.nitp.target_layer,
-                      cfg.nitp.hidden_source == "after_norm")
-  projector = None
-  if uses_projector(cfg):
-    projector = Projector(m.d_model, cfg.nitp.projector_mult, m.init_std,
-                          m.compute_dtype, m.param_dtype)
-  return model, projector
+  """The backbone and (when NITP needs one) the projector for a config: the
+  boundary where the ConfigDict becomes typed settings (ConfigError if bad)."""
+  return build_modules(*model_config.from_config(cfg))
 
 
-def _init_boxed(cfg: ml_collections.ConfigDict, rng: jax.Array) -> dict:
-  model, projector = build(cfg)
+def build_modules(cfg: ModelConfig, nitp: NITPConfig) -> tuple[Transformer, Projector | None]:
+  """`build` from typed settings."""
+  model_config.check_target_layer(nitp.target_layer, cfg.num_layers)
+  return Transformer(cfg, nitp), Projector(cfg, nitp) if nitp.uses_projector else None
+
+
+def _init_boxed(cfg: ModelConfig, nitp: NITPConfig, rng: jax.Array) -> dict:
+  model, projector = build_modules(cfg, nitp)
   rng_model, rng_proj = jax.random.split(rng)
-  t = min(8, cfg.model.max_seq_len)
+  t = min(8, cfg.max_seq_len)
   tokens = jnp.zeros((1, t), jnp.int32)
   params = {"backbone": model.init(rng_model, tokens)["params"]}
   if projector is not None:
     params["projector"] = projector.init(
-        rng_proj, jnp.zeros((1, t, cfg.model.d_model), jnp.float32))["params"]
+        rng_proj, jnp.zeros((1, t, cfg.d_model), jnp.float32))["params"]
   return params
 
 
@@ -192,17 +187,18 @@ def init_params(cfg: ml_collections.ConfigDict, rng: jax.Array) -> dict:
   `cfg`, so runs that differ only in the NITP target layer (or in scanning)
   start from the same weights.
   """
-  canonical = cfg.copy_and_resolve_references()
-  canonical.nitp.target_layer = cfg.model.num_layers
-  canonical.model.scan_layers = True
-  params = jax.jit(lambda r: nn.unbox(_init_boxed(canonical, r)))(rng)
-  params["backbone"] = arrange_layers(params["backbone"], cfg)
+  m, n = model_config.from_config(cfg)
+  canonical = (dataclasses.replace(m, scan_layers=True),
+               dataclasses.replace(n, target_layer=m.num_layers))
+  params = jax.jit(lambda r: nn.unbox(_init_boxed(*canonical, r)))(rng)
+  params["backbone"] = _arrange_layers(params["backbone"], m, n.target_layer)
   return params
 
 
 def abstract_params(cfg: ml_collections.ConfigDict) -> tuple[dict, dict]:
   """(ShapeDtypeStruct tree, logical PartitionSpec tree); allocates nothing."""
-  boxed = jax.eval_shape(lambda: _init_boxed(cfg, jax.random.key(0)))
+  m, n = model_config.from_config(cfg)
+  boxed = jax.eval_shape(lambda: _init_boxed(m, n, jax.random.key(0)))
   return nn.unbox(boxed), nn.get_partition_spec(boxed)
 
 
@@ -223,11 +219,14 @@ def arrange_layers(backbone: dict, cfg: ml_collections.ConfigDict) -> dict:
   """Re-store the blocks of `backbone` the way `cfg` lays them out (scanned
   segments cut at its target layer, or unrolled); other params unchanged.
   Lets one set of weights serve any target layer or scan setting."""
+  m, n = model_config.from_config(cfg)
+  return _arrange_layers(backbone, m, n.target_layer)
+
+
+def _arrange_layers(backbone: dict, m: ModelConfig, target_layer: int) -> dict:
   layers = layer_params(backbone)
   out = {k: v for k, v in backbone.items() if not k.startswith("layer")}
-  m = cfg.model
-  num_dense = m.num_layers if m.moe.num_experts == 0 else m.moe.num_dense_layers
-  for start, end, _ in segments(m.num_layers, num_dense, cfg.nitp.target_layer):
+  for start, end, _ in segments(m.num_layers, m.num_dense_layers, target_layer):
     if m.scan_layers:
       out[f"layers_{start}_{end}"] = jax.tree.map(
           lambda *a: jnp.stack(a), *[layers[i] for i in range(start, end)])

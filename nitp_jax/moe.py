@@ -21,9 +21,10 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
+from nitp_jax import sharding
 from nitp_jax.layers import SwiGLU, param
+from nitp_jax.model_config import MoEConfig
 
 
 class Routing(NamedTuple):
@@ -171,14 +172,18 @@ def dispatch_ragged(x_NxD, r: Routing, w, num_experts: int):
 
 
 def expert_shards() -> int:
-  """Size of the "expert" axis of the mesh being traced under (1 if none)."""
+  """How many ways the mesh being traced under splits the experts (1 if none)."""
   mesh = jax.sharding.get_abstract_mesh()
-  return 1 if mesh.empty else dict(mesh.shape).get("expert", 1)
+  if mesh.empty:
+    return 1
+  expert_axes = sharding.mesh_axis_names(sharding.logical_to_mesh("expert")[0])
+  return math.prod(dict(mesh.shape).get(a, 1) for a in expert_axes)
 
 
 def dispatch_ragged_sharded(x_NxD, r: Routing, w, num_experts: int):
-  """`dispatch_ragged` with the experts split over the mesh axis "expert"
-  (and their hidden dim over "tensor"), all-gather based, under shard_map.
+  """`dispatch_ragged` with the experts split over the mesh axes of the
+  logical "expert" axis (and their hidden dim over those of "mlp"), all-gather
+  based, under shard_map; sharding.py's rules name the mesh axes.
 
   Each expert shard gathers the token copies of its expert-axis peers, runs
   its own experts on the copies routed to them (the rest sort last and stay
@@ -186,16 +191,18 @@ def dispatch_ragged_sharded(x_NxD, r: Routing, w, num_experts: int):
   shards that own the tokens.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  tokens = P(("data", "fsdp", "expert"), None)
-  in_specs = (tokens, tokens, tokens, P("expert", None, "tensor"),
-              P("expert", None, "tensor"), P("expert", "tensor", None))
+  tokens = sharding.logical_to_mesh("batch", None)
+  w_in = sharding.logical_to_mesh("expert", None, "mlp")   # gate, up [X, D, F]
+  w_out = sharding.logical_to_mesh("expert", "mlp", None)  # down [X, F, D]
+  expert, tensor = w_in[0], w_in[2]
+  in_specs = (tokens, tokens, tokens, w_in, w_in, w_out)
 
   def local(x_nxD, experts_nxK, weights_nxK, gate_XxDxF, up_XxDxF, down_XxFxD):
     num_local = gate_XxDxF.shape[0]
     x_MxD, experts_MxK, weights_MxK = (
-        jax.lax.all_gather(a, "expert", tiled=True) for a in (x_nxD, experts_nxK, weights_nxK))
+        jax.lax.all_gather(a, expert, tiled=True) for a in (x_nxD, experts_nxK, weights_nxK))
     m, k = experts_MxK.shape
-    local_MxK = experts_MxK - jax.lax.axis_index("expert") * num_local
+    local_MxK = experts_MxK - jax.lax.axis_index(expert) * num_local
     mine_MxK = (local_MxK >= 0) & (local_MxK < num_local)
     flat_C = jnp.where(mine_MxK, local_MxK, num_local).reshape(-1)  # C = M*K copies
     order_C = jnp.argsort(flat_C, stable=True)
@@ -207,8 +214,8 @@ def dispatch_ragged_sharded(x_NxD, r: Routing, w, num_experts: int):
     y_MxKxD = jnp.zeros_like(ys_CxD).at[order_C].set(ys_CxD).reshape(m, k, -1)
     y_MxKxD = jnp.where(mine_MxK[..., None], y_MxKxD, 0)  # rows past the groups: not ours
     y_MxD = jnp.einsum("mkd,mk->md", y_MxKxD, weights_MxK.astype(y_MxKxD.dtype))
-    y_MxD = jax.lax.psum(y_MxD, "tensor")
-    return jax.lax.psum_scatter(y_MxD, "expert", scatter_dimension=0, tiled=True)
+    y_MxD = jax.lax.psum(y_MxD, tensor)
+    return jax.lax.psum_scatter(y_MxD, expert, scatter_dimension=0, tiled=True)
 
   y_NxD = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=tokens)(
       x_NxD, r.experts_NxK, r.weights_NxK, *w)
@@ -216,23 +223,17 @@ def dispatch_ragged_sharded(x_NxD, r: Routing, w, num_experts: int):
 
 
 class MoE(nn.Module):
-  num_experts: int
-  top_k: int
-  expert_ffn: int
-  num_shared_experts: int
-  shared_expert_ffn: int
-  renormalize: bool
-  routed_scaling: float
-  dispatch: str
-  capacity_factor: float
+  """The MoE FFN as `cfg` describes it; init std and dtypes are the model's."""
+  cfg: MoEConfig
   std: float
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    c = self.cfg
     b, t, d = x_BxTxD.shape
-    e, f = self.num_experts, self.expert_ffn
+    e, f = c.num_experts, c.expert_ffn
     router_DxE = param(self, "router", (d, e), ("embed", None), self.std, self.param_dtype)
     w = tuple(param(self, name, shape, axes, self.std, self.param_dtype).astype(self.dtype)
               for name, shape, axes in (
@@ -242,22 +243,22 @@ class MoE(nn.Module):
     x = x_BxTxD.astype(self.dtype)
     x_NxD = x.reshape(b * t, d)
     logits_NxE = jnp.einsum("nd,de->ne", x_NxD.astype(jnp.float32), router_DxE.astype(jnp.float32))
-    r = route(logits_NxE, self.top_k, self.renormalize, self.routed_scaling)
-    if self.dispatch == "capacity":
-      y, dropped = dispatch_capacity(x, r, w, e, self.capacity_factor)
-    elif self.dispatch == "gather":
-      y, dropped = dispatch_gather(x, r, w, e, self.capacity_factor)
-    elif self.dispatch == "ragged" and expert_shards() > 1:
+    r = route(logits_NxE, c.top_k, c.renormalize, c.routed_scaling)
+    if c.dispatch == "capacity":
+      y, dropped = dispatch_capacity(x, r, w, e, c.capacity_factor)
+    elif c.dispatch == "gather":
+      y, dropped = dispatch_gather(x, r, w, e, c.capacity_factor)
+    elif c.dispatch == "ragged" and expert_shards() > 1:
       y, dropped = dispatch_ragged_sharded(x_NxD, r, w, e)
-    elif self.dispatch == "ragged":
+    elif c.dispatch == "ragged":
       y, dropped = dispatch_ragged(x_NxD, r, w, e)
-    elif self.dispatch == "dense":
+    elif c.dispatch == "dense":
       y, dropped = dispatch_dense(x_NxD, r, w, e)
     else:
-      raise ValueError(f"unknown MoE dispatch {self.dispatch!r}")
+      raise ValueError(f"unknown MoE dispatch {c.dispatch!r}")
     y_BxTxD = y.reshape(b, t, d)
-    if self.num_shared_experts:
-      y_BxTxD += SwiGLU(self.num_shared_experts * self.shared_expert_ffn, self.std,
+    if c.num_shared_experts:
+      y_BxTxD += SwiGLU(c.num_shared_experts * c.shared_expert_ffn, self.std,
                         self.dtype, self.param_dtype, name="shared")(x)
     aux = {"load_balance": load_balance_loss(r, e), "router_z": router_z_loss(r),
            "dropped_fraction": dropped}

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from nitp_jax import layers
 from nitp_jax import model as model_lib
+from nitp_jax import model_config
+from nitp_jax.model_config import NITPConfig
 
 
 def shift_left(x_BxT: jax.Array, shift: int = 1, fill=0) -> jax.Array:
@@ -133,9 +134,9 @@ def mean_pairwise_cosine_per_row(h_BxTxD: jax.Array, mask_BxT: jax.Array) -> jax
   return jnp.sum(per_row_B) / jnp.maximum(jnp.sum(has_pairs_B), 1)
 
 
-def nitp_weight(cfg: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+def nitp_weight(nitp: NITPConfig, step: jax.Array) -> jax.Array:
   """λ, or 0 before `nitp.start_step`."""
-  return jnp.where(step >= cfg.nitp.start_step, cfg.nitp.weight, 0.0).astype(jnp.float32)
+  return jnp.where(step >= nitp.start_step, nitp.weight, 0.0).astype(jnp.float32)
 
 
 LossFn = Callable[[dict, dict, jax.Array], tuple[jax.Array, dict]]
@@ -146,9 +147,11 @@ def make_loss_fn(cfg: ml_collections.ConfigDict) -> LossFn:
 
   total = ntp + λ·(nitp or cosine regulariser) + MoE aux losses.
   """
-  model, projector = model_lib.build(cfg)
-  n, e, m = cfg.nitp, cfg.model.moe, cfg.model
+  m, n = model_config.from_config(cfg)
+  model, projector = model_lib.build_modules(m, n)
   chunk = m.ce_chunk
+  # A dense model has no router: its aux metrics are zeros, weighted by 0.
+  aux_weight, z_weight = (m.moe.aux_loss_weight, m.moe.z_loss_weight) if m.moe else (0.0, 0.0)
 
   def loss_fn(params: dict, batch: dict, step: jax.Array):
     tokens, seg = batch["tokens"], batch["segment_ids"]
@@ -156,11 +159,10 @@ def make_loss_fn(cfg: ml_collections.ConfigDict) -> LossFn:
                                    batch["positions"], return_logits=not chunk)
     if chunk:
       unembed_DxV = model_lib.unembed_matrix(params["backbone"], m.tie_embeddings)
-      ntp = chunked_ntp_loss(out, unembed_DxV, tokens, seg, chunk,
-                             layers.dtype(m.compute_dtype))
+      ntp = chunked_ntp_loss(out, unembed_DxV, tokens, seg, chunk, m.compute_jnp_dtype)
     else:
       ntp = ntp_loss(out, tokens, seg)
-    lam = nitp_weight(cfg, step)
+    lam = nitp_weight(n, step)
     metrics = {"ntp": ntp, "nitp_weight": lam}
     if n.weight > 0 and n.variant == "nitp":
       h_BxTxD = hidden["last"]
@@ -174,7 +176,7 @@ def make_loss_fn(cfg: ml_collections.ConfigDict) -> LossFn:
       metrics["cosine_reg"] = nitp
     else:
       nitp = jnp.float32(0.0)
-    aux_loss = e.aux_loss_weight * aux["load_balance"] + e.z_loss_weight * aux["router_z"]
+    aux_loss = aux_weight * aux["load_balance"] + z_weight * aux["router_z"]
     total = ntp + lam * nitp + aux_loss
     metrics |= {"loss": total, "aux": aux_loss, **aux}
     return total, metrics

@@ -125,8 +125,7 @@ def mesh_for_config(cfg: ml_collections.ConfigDict,
 def _without_unit_axes(spec: P, mesh: Mesh) -> P:
   """`spec` minus mesh axes of size 1 (the same sharding, a simpler spec)."""
   def keep(entry):
-    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    names = tuple(n for n in names if mesh.shape[n] > 1)
+    names = tuple(n for n in mesh_axis_names(entry) if mesh.shape[n] > 1)
     return None if not names else names[0] if len(names) == 1 else names
   return P(*(keep(e) for e in spec))
 
@@ -197,10 +196,20 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
-def param_specs(cfg: ml_collections.ConfigDict) -> dict[str, tuple[tuple, P]]:
-  """{"backbone/embed": (shape, mesh PartitionSpec), ...} for every parameter."""
-  from nitp_jax import model as model_lib  # pylint: disable=import-outside-toplevel
-  abstract, logical = model_lib.abstract_params(cfg)
+def logical_to_mesh(*logical: str | None) -> P:
+  """The mesh PartitionSpec of one array's logical axis names under the rules,
+  for code that must name mesh axes itself (shard_map specs, collectives)."""
+  return nn.logical_to_mesh_axes(logical, LOGICAL_RULES)
+
+
+def mesh_axis_names(entry: str | Sequence[str] | None) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (None: none)."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def param_specs(abstract: Any, logical: Any) -> dict[str, tuple[tuple, P]]:
+  """{"backbone/embed": (shape, mesh PartitionSpec), ...} for every parameter
+  of `model.abstract_params(cfg)`'s (shapes, logical specs)."""
   specs = nn.logical_to_mesh(logical, LOGICAL_RULES)
   flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
   spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
@@ -209,10 +218,7 @@ def param_specs(cfg: ml_collections.ConfigDict) -> dict[str, tuple[tuple, P]]:
 
 
 def _axes_size(mesh: Mesh, entry) -> int:
-  if entry is None:
-    return 1
-  names = (entry,) if isinstance(entry, str) else tuple(entry)
-  return math.prod(mesh.shape[n] for n in names)
+  return math.prod(mesh.shape[n] for n in mesh_axis_names(entry))
 
 
 def check_config(cfg: ml_collections.ConfigDict, mesh: Mesh) -> None:
@@ -224,7 +230,9 @@ def check_config(cfg: ml_collections.ConfigDict, mesh: Mesh) -> None:
                       f"{t.microbatches} = {micro_rows} rows must be divisible by the "
                       f"{shards} batch shards (mesh data*fsdp*expert)")
   check_process_rows(mesh, t.global_batch)
-  for path, (shape, spec) in param_specs(cfg).items():
+  # The one use of the model here (lazy: model -> moe -> this module).
+  from nitp_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+  for path, (shape, spec) in param_specs(*model_lib.abstract_params(cfg)).items():
     for dim, entry in zip(shape, spec):
       if dim % _axes_size(mesh, entry):
         raise ConfigError(f"config.mesh: parameter {path} {tuple(shape)} cannot be split "

@@ -8,6 +8,7 @@ import pytest
 
 from nitp_jax import model as model_lib
 from nitp_jax import moe
+from nitp_jax.model_config import MoEConfig
 from tests.helpers import max_abs_diff, packed_batch, small_config
 
 
@@ -113,9 +114,10 @@ def test_layer_params_roundtrip(setup):
 # ---- MoE -------------------------------------------------------------------
 
 def _moe_layer(dispatch, capacity_factor=100.0, renormalize=False, shared=1):
-  return moe.MoE(num_experts=8, top_k=3, expert_ffn=16, num_shared_experts=shared,
-                 shared_expert_ffn=16, renormalize=renormalize, routed_scaling=1.0,
-                 dispatch=dispatch, capacity_factor=capacity_factor, std=0.3)
+  cfg = MoEConfig(num_experts=8, top_k=3, expert_ffn=16, num_shared_experts=shared,
+                  shared_expert_ffn=16, renormalize=renormalize, routed_scaling=1.0,
+                  dispatch=dispatch, capacity_factor=capacity_factor)
+  return moe.MoE(cfg, std=0.3)
 
 
 def test_moe_dispatches_agree():

@@ -21,6 +21,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from nitp_jax import config as config_lib
+from nitp_jax import model as model_lib
 from nitp_jax import sharding
 from tests.helpers import small_config
 
@@ -63,7 +64,7 @@ def _expected_spec(path: str) -> P:
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_parameter_shardings_follow_the_rules(moe):
-  specs = sharding.param_specs(small_config(moe=moe))
+  specs = sharding.param_specs(*model_lib.abstract_params(small_config(moe=moe)))
   for path, (shape, spec) in specs.items():
     assert spec == _expected_spec(path), path
     assert len(spec) == len(shape), path
@@ -209,7 +210,7 @@ def test_compile_check_reports_per_device_bytes():
   expected = sum(
       4 * np.prod(shape) // np.prod([sizes[a] for e in spec if e
                                      for a in ((e,) if isinstance(e, str) else e)])
-      for shape, spec in sharding.param_specs(cfg).values())
+      for shape, spec in sharding.param_specs(*model_lib.abstract_params(cfg)).values())
   assert report["param_bytes_per_device"] == expected
   assert 2 * expected <= report["opt_state_bytes_per_device"] <= 2 * expected + 64
   assert report["temp_bytes_per_device"] > 0
