@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from nitp_jax import errors
 from nitp_jax import train
 from tests.conftest import CORPUS_GLOB, train_config
 
@@ -106,7 +107,7 @@ def test_bad_input_gives_one_clear_line(case, prepared_dir, bad_files, tmp_path)
   _, build, expected = case
   cfg, workdir = build(prepared_dir, bad_files, tmp_path)
   before = snapshot(prepared_dir, bad_files)
-  with pytest.raises(train.USER_ERRORS) as err:
+  with pytest.raises(errors.UserError) as err:
     train.run(cfg, str(workdir))
   message = str(err.value)
   assert expected in message, message
@@ -121,7 +122,7 @@ def test_checkpoint_of_another_config_is_refused_and_kept(prepared_dir, tmp_path
   before = snapshot(os.path.join(workdir, "checkpoints"))
   other = train_config(prepared_dir, steps=4, eval_every=100)
   other.nitp.target_layer = 2
-  with pytest.raises(train.USER_ERRORS, match=r"nitp.target_layer: 1 -> 2.*new --workdir"):
+  with pytest.raises(errors.UserError, match=r"nitp.target_layer: 1 -> 2.*new --workdir"):
     train.run(other, workdir)
   assert snapshot(os.path.join(workdir, "checkpoints")) == before
 
