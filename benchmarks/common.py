@@ -23,7 +23,6 @@ import numpy as np  # noqa: E402
 
 from nitp_jax import config as config_lib  # noqa: E402
 from nitp_jax import jitted  # noqa: E402
-from nitp_jax import sharding  # noqa: E402
 
 
 def _small(d: int, layers: int, heads: int, kv: int, ffn: int, vocab: int,
@@ -105,7 +104,7 @@ def synthetic_batch(cfg: ml_collections.ConfigDict, seed: int = 0, docs: int = 2
 
 def train_steps(cfg: ml_collections.ConfigDict) -> jitted.Steps:
   """The training's own jitted steps, on the config's mesh of this machine."""
-  return jitted.build(cfg, sharding.mesh_for_config(cfg))
+  return jitted.build(cfg, jitted.mesh_for_config(cfg))
 
 
 def train_step_and_state(cfg: ml_collections.ConfigDict, seed: int = 0):

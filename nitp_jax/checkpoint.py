@@ -16,7 +16,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from nitp_jax import config as config_lib
+from nitp_jax import errors
+from nitp_jax import layout
 from nitp_jax.errors import CheckpointError
 
 # Fields that decide parameter shapes or the data order: a checkpoint only
@@ -32,22 +33,19 @@ COMPUTE_ONLY_FIELDS = frozenset({"model.attention_impl", "model.remat_policy",
                                  "model.moe.dispatch", "model.moe.capacity_factor"})
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
-
-
 class Checkpointer:
   """Keeps the last `keep` checkpoints of one run."""
 
   def __init__(self, workdir: str, keep: int, async_save: bool = True):
-    self.directory = checkpoint_dir(workdir)
+    self.directory = layout.checkpoint_dir(workdir)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep,
                                              enable_async_checkpointing=async_save))
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+  def steps(self) -> list[int]:
+    """Steps with a finished checkpoint, ascending."""
+    return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator,
            cfg: ml_collections.ConfigDict) -> None:
@@ -147,8 +145,7 @@ def config_mismatches(saved: ml_collections.ConfigDict, current: ml_collections.
   """'field: saved -> current' for every resume-relevant field that differs."""
   diffs = []
   for field in RESUME_FIELDS:
-    a, b = (_flatten(config_lib.lookup(saved, field), field),
-            _flatten(config_lib.lookup(current, field), field))
+    a, b = _flatten(saved[field], field), _flatten(current[field], field)
     for key in sorted(set(a) | set(b)):
       if key not in COMPUTE_ONLY_FIELDS and a.get(key) != b.get(key):
         diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
@@ -165,14 +162,28 @@ def check_resumable(saved: ml_collections.ConfigDict, current: ml_collections.Co
 
 
 def restore_params(workdir: str, step: int | None = None
-                   ) -> tuple[ml_collections.ConfigDict, dict]:
-  """(config, params) of a run's checkpoint (latest when step is None), as
-  host arrays; for evaluation and export."""
+                   ) -> tuple[int, ml_collections.ConfigDict, dict]:
+  """(step, config, params) of a run's checkpoint (latest when step is None),
+  as host arrays; for evaluation and export. CheckpointError when there is
+  no such checkpoint or it cannot be read."""
+  if not os.path.isdir(layout.checkpoint_dir(workdir)):
+    raise CheckpointError(f"no checkpoint under {layout.checkpoint_dir(workdir)}: train "
+                          "first, or pass the --workdir of a training run")
   ckpt = Checkpointer(workdir, keep=1_000_000, async_save=False)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise CheckpointError(f"no checkpoint under {ckpt.directory}: train first, or pass the "
-                          "--workdir of a run")
-  cfg, params = ckpt.saved_config(step), ckpt.restore_params(step)
-  ckpt.close()
-  return cfg, params
+  try:
+    steps = ckpt.steps()
+    if not steps:
+      raise CheckpointError(f"no checkpoint under {ckpt.directory}: train first, or pass "
+                            "the --workdir of a training run")
+    if step is not None and step not in steps:
+      raise CheckpointError(f"no checkpoint of step {step} under {ckpt.directory} (have: "
+                            f"{', '.join(map(str, steps))}); pass one of those to --step")
+    step = steps[-1] if step is None else step
+    try:
+      return step, ckpt.saved_config(step), ckpt.restore_params(step)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"cannot restore the checkpoint of step {step} in "
+                            f"{ckpt.directory} ({type(e).__name__}: "
+                            f"{errors.one_line(e)[:300]}); pass another --step") from e
+  finally:
+    ckpt.close()

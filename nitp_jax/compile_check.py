@@ -97,7 +97,7 @@ def apply_overrides(cfg: ml_collections.ConfigDict, mesh: str, batch: int | None
 
 def check(cfg: ml_collections.ConfigDict, compile_step: bool = True) -> dict:
   """Lower (and compile) cfg's train step on the current devices; the report."""
-  steps = jitted.build(cfg, sharding.mesh_for_config(cfg))
+  steps = jitted.build(cfg, jitted.mesh_for_config(cfg))
   mesh, state, shardings = steps.mesh, steps.abstract_state, steps.state_shardings
   params = state["params"]
   report = {

@@ -149,23 +149,15 @@ def _fail(field: str, value, allowed: str) -> None:
 
 def _positive(cfg, *fields: str) -> None:
   for f in fields:
-    v = lookup(cfg, f)
+    v = cfg[f]
     if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
       _fail(f, v, "must be a positive number")
 
 
 def _choice(cfg, field: str, choices) -> None:
-  v = lookup(cfg, field)
+  v = cfg[field]
   if v not in choices:
     _fail(field, v, f"must be one of {', '.join(map(str, choices))}")
-
-
-def lookup(cfg, dotted: str):
-  """cfg['a.b.c'] for a dotted field name."""
-  node = cfg
-  for part in dotted.split("."):
-    node = node[part]
-  return node
 
 
 def is_moe(cfg) -> bool:

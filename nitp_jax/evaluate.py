@@ -29,12 +29,11 @@ from absl import flags
 
 from nitp_jax import checkpoint as ckpt_lib
 from nitp_jax import cli
-from nitp_jax import errors
 from nitp_jax import jitted
 from nitp_jax import layout
 from nitp_jax import sharding
 from nitp_jax.data import pipeline
-from nitp_jax.errors import CheckpointError, DataError
+from nitp_jax.errors import DataError
 
 GEOMETRY_KEYS = ("erank_last", "cos_last", "erank_target", "cos_target")
 
@@ -69,29 +68,6 @@ def geometry(steps: jitted.Steps, params: dict, batches: list[dict]) -> dict[str
           for k, v in values.items()}
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-  """Steps with a finished checkpoint under <workdir>/checkpoints."""
-  directory = layout.checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(n) for n in os.listdir(directory)
-                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
-
-
-def resolve_step(workdir: str, step: int | None) -> int:
-  """`step`, or the latest; CheckpointError when there is no such checkpoint."""
-  steps = checkpoint_steps(workdir)
-  where = layout.checkpoint_dir(workdir)
-  if not steps:
-    raise CheckpointError(f"no checkpoint under {where}: pass the --workdir of a training run")
-  if step is None:
-    return steps[-1]
-  if step not in steps:
-    raise CheckpointError(f"no checkpoint of step {step} under {where} (have: "
-                          f"{', '.join(map(str, steps))})")
-  return step
-
-
 def _finite_or_none(x: float) -> float | None:
   return x if math.isfinite(x) else None
 
@@ -102,20 +78,12 @@ def eval_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   for axis in sharding.MESH_AXES:
     cfg.mesh[axis], cfg.mesh[f"dcn_{axis}"] = (-1 if axis == "data" else 1), 1
-  return sharding.mesh_for_config(cfg)
+  return jitted.mesh_for_config(cfg)
 
 
 def evaluate_run(workdir: str, step: int | None = None, batches: int | None = None) -> dict:
   """The JSON-able evaluation of a run's checkpoint (latest when step is None)."""
-  step = resolve_step(workdir, step)
-  try:
-    cfg, params = ckpt_lib.restore_params(workdir, step)
-  except CheckpointError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(
-        f"cannot restore the checkpoint of step {step} in {layout.checkpoint_dir(workdir)} "
-        f"({type(e).__name__}: {errors.one_line(e)[:300]}); pass another --step") from e
+  step, cfg, params = ckpt_lib.restore_params(workdir, step)
   n = cfg.train.eval_batches if batches is None else batches
   if n <= 0:
     raise DataError(f"--batches={n} is invalid: must be a positive integer")

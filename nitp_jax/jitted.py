@@ -12,7 +12,7 @@ pjit), traced with the logical-axis rules and the mesh in context.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from nitp_jax import model as model_lib
 from nitp_jax import optim
 from nitp_jax import sharding
 from nitp_jax import step as step_lib
@@ -49,6 +50,15 @@ class Steps:
     shape = (self.cfg.train.global_batch, self.cfg.train.seq_len)
     return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
             for k in BATCH_FIELDS}
+
+
+def mesh_for_config(cfg: ml_collections.ConfigDict,
+                    devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh of cfg.mesh over `devices` (default: all), after checking that
+  cfg's batch and parameters divide over it (ConfigError otherwise)."""
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  sharding.check_config(cfg, mesh, *model_lib.abstract_params(cfg))
+  return mesh
 
 
 def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Steps:

@@ -114,14 +114,6 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict,
   return Mesh(device_grid(mesh_cfg, devices), MESH_AXES, axis_types=axis_types)
 
 
-def mesh_for_config(cfg: ml_collections.ConfigDict,
-                    devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """make_mesh(cfg.mesh) after checking that cfg can be sharded over it."""
-  mesh = make_mesh(cfg.mesh, devices)
-  check_config(cfg, mesh)
-  return mesh
-
-
 def _without_unit_axes(spec: P, mesh: Mesh) -> P:
   """`spec` minus mesh axes of size 1 (the same sharding, a simpler spec)."""
   def keep(entry):
@@ -221,8 +213,10 @@ def _axes_size(mesh: Mesh, entry) -> int:
   return math.prod(mesh.shape[n] for n in mesh_axis_names(entry))
 
 
-def check_config(cfg: ml_collections.ConfigDict, mesh: Mesh) -> None:
-  """ConfigError unless cfg's batch and parameters divide evenly over mesh."""
+def check_config(cfg: ml_collections.ConfigDict, mesh: Mesh, abstract_params: Any,
+                 logical_specs: Any) -> None:
+  """ConfigError unless cfg's batch and the parameters (shapes and logical
+  specs, as `model.abstract_params` gives them) divide evenly over mesh."""
   t = cfg.train
   shards, micro_rows = batch_shards(mesh), t.global_batch // t.microbatches
   if micro_rows % shards:
@@ -230,9 +224,7 @@ def check_config(cfg: ml_collections.ConfigDict, mesh: Mesh) -> None:
                       f"{t.microbatches} = {micro_rows} rows must be divisible by the "
                       f"{shards} batch shards (mesh data*fsdp*expert)")
   check_process_rows(mesh, t.global_batch)
-  # The one use of the model here (lazy: model -> moe -> this module).
-  from nitp_jax import model as model_lib  # pylint: disable=import-outside-toplevel
-  for path, (shape, spec) in param_specs(*model_lib.abstract_params(cfg)).items():
+  for path, (shape, spec) in param_specs(abstract_params, logical_specs).items():
     for dim, entry in zip(shape, spec):
       if dim % _axes_size(mesh, entry):
         raise ConfigError(f"config.mesh: parameter {path} {tuple(shape)} cannot be split "

@@ -84,7 +84,7 @@ class Trainer:
     self.workdir = layout.make_workdir(workdir)
     t = cfg.train
     self.is_main = jax.process_index() == 0
-    self.mesh = sharding.mesh_for_config(cfg)
+    self.mesh = jitted.mesh_for_config(cfg)
     self.data_dir = prepare_data(cfg, self.workdir)
     self.log = MetricsLog(self.workdir, enabled=self.is_main)
     self.train_iter = self._train_iterator(cfg.data.seed)

@@ -255,7 +255,7 @@ def test_export_from_workdir_uses_checkpoint_and_run_tokenizer(sp_model, tmp_pat
   os.makedirs(workdir / "data")
   with open(sp_model, "rb") as a, open(workdir / "data" / hf.TOKENIZER, "wb") as b:
     b.write(a.read())
-  cfg2, params2 = ckpt_lib.restore_params(str(workdir), 7)
+  _, cfg2, params2 = ckpt_lib.restore_params(str(workdir), 7)
   out = hf.export_from_params(params2, cfg2, str(tmp_path / "hf"), str(workdir))
   assert calls == [(str(workdir), 7)]
   assert sorted(os.listdir(out)) == sorted([hf.CONFIG, hf.WEIGHTS, hf.TOKENIZER,

@@ -115,8 +115,8 @@ def test_kills_and_sigterm_resume_bitwise(config_file, tmp_path):
   # completed it.
   shown = tensorboard_view(os.path.join(parts, "tensorboard"), "train/loss")
   assert shown == [(r["step"], np.float32(r["loss"])) for r in b]
-  _, pa = ckpt_lib.restore_params(whole)
-  _, pb = ckpt_lib.restore_params(parts)
+  *_, pa = ckpt_lib.restore_params(whole)
+  *_, pb = ckpt_lib.restore_params(parts)
   assert max_abs_diff(pa, pb) == 0.0
 
 
@@ -158,7 +158,7 @@ def test_an_interrupted_checkpoint_write_is_named_and_skipped(tmp_path, caplog):
   tmp.mkdir(parents=True)
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=3)
   try:
-    assert ckpt.latest_step() is None
+    assert ckpt.steps() == []
     assert ckpt.restore_latest(None, None, None) is None
   finally:
     ckpt.close()
@@ -229,7 +229,7 @@ def test_elastic_restore_onto_another_mesh(prepared_dir, tmp_path):
       cfg = train_config({prepared_dir!r}, steps=4, checkpoint_every=4, eval_every=1000)
       cfg.mesh.data = 8
       train.run(cfg, {str(tmp_path)!r})
-      _, saved = checkpoint.restore_params({str(tmp_path)!r})
+      *_, saved = checkpoint.restore_params({str(tmp_path)!r})
       cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 4, 2
       cfg.train.steps = 6
       trainer = train.Trainer(cfg, {str(tmp_path)!r})

@@ -21,6 +21,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from nitp_jax import config as config_lib
+from nitp_jax import jitted
 from nitp_jax import model as model_lib
 from nitp_jax import sharding
 from tests.helpers import small_config
@@ -255,7 +256,6 @@ def _spec(array) -> list[list[str]]:
 def _compare(cfg, mesh_sizes: dict, reference=None) -> tuple[dict, tuple]:
   """One step on one device (or `reference`) and on the 8-device mesh."""
   import jax  # pylint: disable=import-outside-toplevel
-  from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
   from nitp_jax import optim  # pylint: disable=import-outside-toplevel
   from nitp_jax import step as step_lib  # pylint: disable=import-outside-toplevel
   from tests.helpers import max_abs_diff, packed_batch  # pylint: disable=import-outside-toplevel
@@ -269,13 +269,10 @@ def _compare(cfg, mesh_sizes: dict, reference=None) -> tuple[dict, tuple]:
 
   for k, v in mesh_sizes.items():
     cfg.mesh[k] = v
-  mesh = sharding.mesh_for_config(cfg)
-  _, shardings = step_lib.state_shardings(cfg, optimizer, mesh)
-  step = sharding.jit(step_lib.make_train_step(cfg, optimizer), mesh,
-                      in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                      out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
-  args = (jax.device_put(state, shardings), sharding.global_batch(batch, mesh))
-  lowered = step.lower(*args)
+  steps = jitted.build(cfg, jitted.mesh_for_config(cfg))  # what training runs
+  mesh = steps.mesh
+  args = (jax.device_put(state, steps.state_shardings), sharding.global_batch(batch, mesh))
+  lowered = steps.train.lower(*args)
   compiled = lowered.compile()
   new_state, metrics = compiled(*args)
   params = new_state["params"]["backbone"]
@@ -301,7 +298,7 @@ def _error(cfg, **mesh_sizes) -> str:
   for k, v in mesh_sizes.items():
     cfg.mesh[k] = v
   try:
-    sharding.mesh_for_config(cfg)
+    jitted.mesh_for_config(cfg)
   except config_lib.ConfigError as e:
     return str(e)
   return ""

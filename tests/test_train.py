@@ -54,8 +54,8 @@ def test_resume_continues_exactly(prepared_dir, tmp_path):
   assert [r["step"] for r in b] == list(range(1, 17))
   for key in ("loss", "ntp", "nitp", "grad_norm"):
     assert [r[key] for r in a] == [r[key] for r in b], key
-  _, pa = ckpt_lib.restore_params(whole)
-  _, pb = ckpt_lib.restore_params(parts)
+  *_, pa = ckpt_lib.restore_params(whole)
+  *_, pb = ckpt_lib.restore_params(parts)
   assert max_abs_diff(pa, pb) == 0.0
 
 
@@ -100,10 +100,10 @@ def test_tensorboard_restart_drops_the_steps_that_are_run_again(tmp_path):
     assert [(r["step"], r["loss"]) for r in map(json.loads, f)] == [(1, 1.0), (2, 2.0), (3, 30.0)]
 
 
-def _former_wsd(t, n: int) -> np.ndarray:
-  """The hand-written schedule this one replaced, op by op in float32, as XLA
-  evaluated it: a division by a scalar is a multiplication by its float32
-  reciprocal, and the power is XLA's (jnp.power), not NumPy's."""
+def _wsd_float32(t, n: int) -> np.ndarray:
+  """The WSD formula op by op in float32, as XLA evaluates it: a division by
+  a scalar is a multiplication by its float32 reciprocal, and the power is
+  XLA's (jnp.power), not NumPy's."""
   f32 = np.float32
   decay_steps = int(round(t.decay_fraction * t.steps))
   step = np.arange(n).astype(f32)
@@ -119,12 +119,10 @@ def _former_wsd(t, n: int) -> np.ndarray:
   return f32(t.lr) * warm * decay
 
 
-def test_wsd_schedule_keeps_the_former_float32_values():
-  """With its decay built from optax pieces, the schedule gives the former
-  values bit for bit in the warmup, the stable phase, the linear decay to 0
-  and the exponential decay; optax's linear piece rounds differently in a
-  linear decay to a nonzero end (and past the last step): there it stays
-  within the ulps measured when it was replaced."""
+def test_wsd_schedule_matches_a_float32_transcription():
+  """The schedule against an independent float32 transcription of the WSD
+  formula (warmup (step+1)/warmup, stable, linear or exponential decay):
+  bit for bit in every phase."""
   cfg = train_config("", steps=1)
   worst: dict[str, int] = {}
   for warmup, steps, fraction, schedule, final in itertools.product(
@@ -137,7 +135,7 @@ def test_wsd_schedule_keeps_the_former_float32_values():
     n = steps + 6
     lr_N = np.asarray(optim.wsd_schedule(t)(jnp.arange(n, dtype=jnp.int32)), np.float32)
     ulps_N = np.abs(lr_N.view(np.int32).astype(np.int64)
-                    - _former_wsd(t, n).view(np.int32).astype(np.int64))
+                    - _wsd_float32(t, n).view(np.int32).astype(np.int64))
     step = np.arange(n)
     decay_start = steps - int(round(fraction * steps))
     decay = ("linear decay to 0" if schedule == "wsd" and final == 0
@@ -147,9 +145,7 @@ def test_wsd_schedule_keeps_the_former_float32_values():
                               np.where(step < warmup - 1, "warmup", "stable")))  # decay: decay
     for p in np.unique(phase):
       worst[p] = max(worst.get(p, 0), int(ulps_N[phase == p].max()))
-  exact = {p: worst[p] for p in ("warmup", "stable", "linear decay to 0", "exponential decay")}
-  assert exact == dict.fromkeys(exact, 0), worst
-  assert worst["linear decay"] <= 40 and worst["after the end"] <= 15, worst
+  assert worst == dict.fromkeys(worst, 0), worst
 
 
 def test_weight_decay_skips_norms_and_biases():

@@ -411,7 +411,7 @@ def export_from_params(params: dict, cfg: ml_collections.ConfigDict, out_dir: st
 def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
-  cfg, params = ckpt_lib.restore_params(f.workdir, f.step)
+  _, cfg, params = ckpt_lib.restore_params(f.workdir, f.step)
   out = export_from_params(params, cfg, f.out, f.workdir, f.tokenizer or None)
   print(f"wrote {ARCHITECTURES[hf_model_type(cfg)]} to {out}")
 
