@@ -92,7 +92,7 @@ class Attention(nn.Module):
       v_BxTxKxH += p("v_bias", (k, h), ("kv_heads", "head_dim"), 0.0)
     q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, c.rope_theta)
     k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, c.rope_theta)
-    q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("batch", "length", "q_heads", "head_dim"))
+    q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
     out_BxTxNxH = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
                          resolve_impl(c.impl, self.dtype, h))
     o_NxHxD = p("o", (n, h, d), ("q_heads", "head_dim", "embed"))

@@ -66,8 +66,8 @@ class SwiGLU(nn.Module):
     x = x_BxTxD.astype(self.dtype)
     g_BxTxF = flat_matmul(x, gate_DxF.astype(self.dtype))
     u_BxTxF = flat_matmul(x, up_DxF.astype(self.dtype))
-    h_BxTxF = nn.with_logical_constraint(nn.silu(g_BxTxF) * u_BxTxF,
-                                         ("batch", "length", "mlp"))
+    h_BxTxF = nn.with_logical_constraint(
+        nn.silu(g_BxTxF) * u_BxTxF, ("activation_batch", "activation_length", "activation_mlp"))
     return flat_matmul(h_BxTxF, down_FxD.astype(self.dtype))
 
 

@@ -42,7 +42,7 @@ class Block(nn.Module):
   def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT):
     c = self.cfg
     cdt, pdt = c.compute_jnp_dtype, c.param_jnp_dtype
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
     h = RMSNorm(c.norm_eps, pdt, name="attn_norm")(x_BxTxD)
     attn = Attention(c.attention, c.init_std, cdt, pdt, name="attn")
     x_BxTxD = x_BxTxD + attn(h, segment_ids_BxT, positions_BxT).astype(x_BxTxD.dtype)
@@ -125,7 +125,7 @@ def unembed(normed_BxTxD: jax.Array, unembed_DxV: jax.Array, compute_dtype) -> j
   """Logits [B, T, V] in the compute dtype (also used chunk by chunk)."""
   logits_BxTxV = flat_matmul(normed_BxTxD.astype(compute_dtype),
                              unembed_DxV.astype(compute_dtype))
-  return nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "vocab"))
+  return nn.with_logical_constraint(logits_BxTxV, ("activation_batch", "activation_length", "activation_vocab"))
 
 
 def unembed_matrix(backbone: dict, tie_embeddings: bool) -> jax.Array:

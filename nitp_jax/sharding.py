@@ -34,8 +34,17 @@ BATCH_AXES = ("data", "fsdp", "expert")
 
 # Logical axis -> mesh axes, tried in order; a rule whose mesh axes are
 # already used by another dimension of the same array is skipped (Flax's
-# resolution), so activations ("batch", "length", "embed") shard rows only.
+# resolution). Parameters and activations have their own names: activations
+# ("activation_*") shard their rows over every data-parallel axis and keep
+# d_model whole.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_vocab", "tensor"),
+    ("activation_heads", "tensor"),
+    ("activation_head_dim", None),
+    ("activation_mlp", "tensor"),
     ("batch", BATCH_AXES),               # rows: every data-parallel axis
     ("expert_batch", ("data", "fsdp")),  # token groups next to an expert dim
     ("length", None),
