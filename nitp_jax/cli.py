@@ -30,17 +30,16 @@ def parse_flags_or_exit(argv: list[str], usage: str) -> list[str]:
   has --config) with its overrides, and exit(2) with one line if any fails."""
   try:
     rest = flags.FLAGS(argv)
+    if "config" in flags.FLAGS:
+      flags.FLAGS["config"].value.keys()  # a config that failed to load raises here
   except flags.Error as e:
     message = errors.one_line(e)
     if "must have a value other than None" in message:
       name = message.split("--", 1)[1].split("=", 1)[0].split(" ", 1)[0]
       errors.exit_with(f"--{name} is required: use {usage}")
     errors.exit_with(f"bad flag: {message}")
-  if "config" in flags.FLAGS:
-    try:
-      flags.FLAGS["config"].value.keys()  # a config that failed to load raises here
-    except Exception as e:  # pylint: disable=broad-except
-      errors.exit_with(f"could not load --config: {type(e).__name__}: {errors.one_line(e)}")
+  except Exception as e:  # pylint: disable=broad-except  # a config file or override
+    errors.exit_with(f"could not load --config: {type(e).__name__}: {errors.one_line(e)}")
   return rest
 
 

@@ -4,15 +4,12 @@ same files; unsupported models fail with clear errors."""
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import nitp_jax
-from nitp_jax import checkpoint as ckpt_lib
 from nitp_jax import model as model_lib
 from nitp_jax.export import hf
 from tests.helpers import small_config
@@ -236,27 +233,15 @@ def test_tokenizer_loads_in_transformers_and_matches_sentencepiece(sp_model, tmp
     assert theirs.decode(ids) == text
 
 
-def test_export_from_workdir_uses_checkpoint_and_run_tokenizer(sp_model, tmp_path, monkeypatch):
-  """The CLI path: checkpoint.restore_params(workdir, step) -> export, with
-  the tokenizer found in <workdir>/data/tokenizer.model."""
+def test_export_from_workdir_uses_the_run_tokenizer(sp_model, tmp_path):
+  """The CLI path exports with the tokenizer found in <workdir>/data/."""
   cfg = _config(*CASES["llama_untied"])
   cfg.model.vocab_size = 300
   params = _random_params(cfg)
-  calls = []
-
-  class FakeCheckpoint:
-    @staticmethod
-    def restore_params(workdir, step=None):
-      calls.append((workdir, step))
-      return cfg, params
-  monkeypatch.setitem(sys.modules, "nitp_jax.checkpoint", FakeCheckpoint)
-  monkeypatch.setattr(nitp_jax, "checkpoint", FakeCheckpoint, raising=False)
   workdir = tmp_path / "run"
   os.makedirs(workdir / "data")
   with open(sp_model, "rb") as a, open(workdir / "data" / hf.TOKENIZER, "wb") as b:
     b.write(a.read())
-  _, cfg2, params2 = ckpt_lib.restore_params(str(workdir), 7)
-  out = hf.export_from_params(params2, cfg2, str(tmp_path / "hf"), str(workdir))
-  assert calls == [(str(workdir), 7)]
+  out = hf.export_from_params(params, cfg, str(tmp_path / "hf"), str(workdir))
   assert sorted(os.listdir(out)) == sorted([hf.CONFIG, hf.WEIGHTS, hf.TOKENIZER,
                                             hf.TOKENIZER_CONFIG])

@@ -138,7 +138,8 @@ def test_evaluate_cli_errors_in_one_line(tmp_path):
   proc = cli("nitp_jax.evaluate", f"--workdir={missing}")
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [
-      f"error: no checkpoint under {missing}/checkpoints: pass the --workdir of a training run"]
+      f"error: no checkpoint under {missing}/checkpoints: train first, or pass the --workdir "
+      "of a training run"]
   assert not os.path.exists(missing)
 
 
