@@ -115,7 +115,7 @@ def main(argv) -> None:
       "throughput_vs_dense": ratio, "best": best, "target_met": library[best] >= 0.6,
       "gather_max_abs_diff": float(jnp.max(jnp.abs(outs["gather"] - outs["capacity"]))),
       "grouped_block": FLAGS.block or grouped.default_block(
-          FLAGS.batch * FLAGS.seq_len * k, FLAGS.experts),
+          FLAGS.batch * FLAGS.seq_len * k, FLAGS.experts, d * f),
       "grouped_max_abs_diff": float(jnp.max(jnp.abs(outs["grouped"] - outs["dense"]))),
   }))
 

@@ -69,7 +69,8 @@ def main(argv) -> None:
       "benchmark": "moe_memory", **common.device_info(), "d_model": FLAGS.d_model,
       "experts": FLAGS.experts, "top_k": FLAGS.top_k, "expert_ffn": FLAGS.expert_ffn,
       "dtype": FLAGS.dtype, "seq_len": FLAGS.seq_len, "capacity_factor": FLAGS.capacity_factor,
-      "grouped_block": {n: grouped.default_block(int(n) * FLAGS.top_k, FLAGS.experts)
+      "grouped_block": {n: grouped.default_block(int(n) * FLAGS.top_k, FLAGS.experts,
+                                               FLAGS.d_model * FLAGS.expert_ffn)
                         for n in out},
       "temp_bytes": out, "temp_vs_gather": ratio,
   }))
