@@ -10,21 +10,25 @@ target on CPU: the best dispatch at >= 0.6). `capacity_group<G>` re-runs the
 capacity dispatch with token groups of G instead of whole sequences, since
 its one-hot dispatch/combine einsums cost O(group × experts × capacity × d);
 `gather` fills the same slots by index (`gather_max_abs_diff` checks its
-output against capacity's).
+output against capacity's). `grouped` is nitp_jax/grouped.py's dropless
+block loop on the same parameters, called directly (router, routed
+experts, shared expert; `grouped_max_abs_diff` against `dense`).
 """
 
 from __future__ import annotations
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
 import common
+from nitp_jax import grouped
 from nitp_jax.layers import SwiGLU, dtype
 from nitp_jax.model_config import MoEConfig
-from nitp_jax.moe import MoE
+from nitp_jax.moe import MoE, route
 
 DISPATCHES = ("gather", "capacity", "ragged", "dense")
 FLAGS = flags.FLAGS
@@ -40,6 +44,7 @@ flags.DEFINE_float("capacity_factor", 1.25, "Capacity factor.")
 flags.DEFINE_string("dtype", "float32", "Compute dtype.")
 flags.DEFINE_integer("rounds", 5, "Alternating rounds.")
 flags.DEFINE_integer("reps", 1, "Calls per variant per round.")
+flags.DEFINE_integer("block", 0, "Rows per block of `grouped` (0 = grouped.default_block).")
 
 
 def moe_module(dispatch: str) -> MoE:
@@ -48,6 +53,24 @@ def moe_module(dispatch: str) -> MoE:
                   num_shared_experts=FLAGS.shared, shared_expert_ffn=FLAGS.expert_ffn,
                   dispatch=dispatch, capacity_factor=FLAGS.capacity_factor)
   return MoE(cfg, 0.02, cdt, jnp.float32)
+
+
+class GroupedMoE:
+  """The MoE layer's forward (renormalize off, scaling 1) with the routed
+  experts run by `grouped.dropless`; `apply` mirrors a Linen module's."""
+
+  def apply(self, variables, x_BxTxD):
+    p = nn.unbox(variables["params"])
+    cdt = dtype(FLAGS.dtype)
+    b, t, d = x_BxTxD.shape
+    x_NxD = x_BxTxD.reshape(b * t, d).astype(cdt)
+    r = route(x_NxD.astype(jnp.float32) @ p["router"].astype(jnp.float32), FLAGS.top_k, False,
+              1.0)
+    y_NxD = grouped.dropless(x_NxD, r.experts_NxK, r.weights_NxK,
+                             *(p[n].astype(cdt) for n in ("gate", "up", "down")),
+                             block=FLAGS.block or None)
+    shared = SwiGLU(FLAGS.shared * FLAGS.expert_ffn, 0.02, cdt, jnp.float32)
+    return y_NxD.reshape(b, t, d) + shared.apply({"params": p["shared"]}, x_BxTxD)
 
 
 def fwd_bwd(module, params, x_BxTxD, group: int = 0):
@@ -76,6 +99,7 @@ def main(argv) -> None:
   fns["dense_ffn"], _ = fwd_bwd(dense, dense_params, x)
   for dispatch in DISPATCHES:
     fns[dispatch], outs[dispatch] = fwd_bwd(moe_module(dispatch), moe_params, x)
+  fns["grouped"], outs["grouped"] = fwd_bwd(GroupedMoE(), moe_params, x)
   if FLAGS.group and FLAGS.group < FLAGS.seq_len:
     fns[f"capacity_group{FLAGS.group}"], _ = fwd_bwd(moe_module("capacity"), moe_params, x,
                                                      FLAGS.group)
@@ -83,7 +107,7 @@ def main(argv) -> None:
                             for n, fn in fns.items()}, FLAGS.rounds)[common.primary_clock()]
   ratio = {n: common.rnd(common.paired_ratio(times["dense_ffn"], times[n]), 3)
            for n in fns if n != "dense_ffn"}
-  library = {n: r for n, r in ratio.items() if n in DISPATCHES}
+  library = {n: r for n, r in ratio.items() if n in DISPATCHES + ("grouped",)}
   best = max(library, key=library.get)
   print(json.dumps({
       "benchmark": "moe_dispatch", **common.device_info(), "clock": common.primary_clock(),
@@ -93,6 +117,9 @@ def main(argv) -> None:
       "seconds": {n: common.rnd(common.median(t) / FLAGS.reps) for n, t in times.items()},
       "throughput_vs_dense": ratio, "best": best, "target_met": library[best] >= 0.6,
       "gather_max_abs_diff": float(jnp.max(jnp.abs(outs["gather"] - outs["capacity"]))),
+      "grouped_block": FLAGS.block or grouped.default_block(
+          FLAGS.batch * FLAGS.seq_len * k, FLAGS.experts, d * f),
+      "grouped_max_abs_diff": float(jnp.max(jnp.abs(outs["grouped"] - outs["dense"]))),
   }))
 
 
