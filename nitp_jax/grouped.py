@@ -12,6 +12,10 @@ so the layer is causal and document-isolated by construction; an earlier
 token's copy keeps its row offset inside its block whatever later tokens do
 (group starts are multiples of `block`, ranks come from a stable sort).
 Temporaries: O(R·(D+F)) rows plus parameter-sized weight gradients.
+
+Copies whose expert id is >= E belong to experts elsewhere (another expert
+shard under expert parallelism): they sort last, get no row, are never
+computed and contribute zero.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def default_block(copies: int, num_experts: int, expert_params: int) -> int:
 
 def layout(experts_NxK: jax.Array, num_experts: int, block: int) -> Layout:
   """Sort copies by expert (stable: token order within a group) and pad each
-  group to whole blocks."""
+  group to whole blocks; copies of experts >= num_experts get row R (none)."""
   m = experts_NxK.size
   nb = num_blocks(m, num_experts, block)
   flat_M = experts_NxK.reshape(-1).astype(jnp.int32)
@@ -61,9 +65,12 @@ def layout(experts_NxK: jax.Array, num_experts: int, block: int) -> Layout:
   end_blocks_E = jnp.cumsum(blocks_E)
   pstart_E = (end_blocks_E - blocks_E) * block
   sorted_M = flat_M[order_M]
-  row_sorted_M = pstart_E[sorted_M] + jnp.arange(m, dtype=jnp.int32) - start_E[sorted_M]
+  here_M = sorted_M < num_experts
+  local_M = jnp.where(here_M, sorted_M, 0)
+  row_sorted_M = jnp.where(here_M, pstart_E[local_M] + jnp.arange(m, dtype=jnp.int32)
+                           - start_E[local_M], nb * block)
   row_M = jnp.zeros((m,), jnp.int32).at[order_M].set(row_sorted_M)
-  copy_R = jnp.full((nb * block,), m, jnp.int32).at[row_sorted_M].set(order_M)
+  copy_R = jnp.full((nb * block,), m, jnp.int32).at[row_sorted_M].set(order_M, mode="drop")
   expert_B = jnp.searchsorted(end_blocks_E, jnp.arange(nb, dtype=jnp.int32), side="right")
   expert_B = jnp.minimum(expert_B, num_experts - 1).astype(jnp.int32)
   return Layout(row_M, copy_R, expert_B, end_blocks_E[-1])
@@ -142,7 +149,8 @@ def dropless(x_NxD: jax.Array, experts_NxK: jax.Array, weights_NxK: jax.Array,
   """sum_k weights[n, k] * SwiGLU_{experts[n, k]}(x[n]), no token dropped.
 
   Differentiable in x, the routing weights and the expert weights; `block`
-  rows per block (None: `default_block`).
+  rows per block (None: `default_block`). Copies with experts[n, k] >= E
+  (experts held elsewhere) add nothing.
   """
   n, d = x_NxD.shape
   k = experts_NxK.shape[-1]
@@ -152,7 +160,7 @@ def dropless(x_NxD: jax.Array, experts_NxK: jax.Array, weights_NxK: jax.Array,
   xs_RxD = x_NxD.at[lay.copy_R // k].get(mode="fill", fill_value=0)
   ys_RxD = grouped_ffn(block, xs_RxD, lay.expert_B, lay.used_blocks, gate_ExDxF, up_ExDxF,
                        down_ExFxD)
-  y_NxKxD = ys_RxD[lay.row_M].reshape(n, k, d)
+  y_NxKxD = ys_RxD.at[lay.row_M].get(mode="fill", fill_value=0).reshape(n, k, d)
   return jnp.einsum("nkd,nk->nd", y_NxKxD, weights_NxK.astype(y_NxKxD.dtype))
 
 

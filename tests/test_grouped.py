@@ -90,3 +90,16 @@ def test_causal_and_bitwise_stable():
   y2 = fn(x2_NxD, experts2_NxK, weights2_NxK, *w)
   assert np.array_equal(np.asarray(y[:c]), np.asarray(y2[:c]))
   assert not np.array_equal(np.asarray(y[c:]), np.asarray(y2[c:]))
+
+
+def test_copies_of_experts_elsewhere_add_nothing():
+  """Expert ids >= E (experts on another shard) are skipped: the output is
+  the dense reference with those copies' weights zeroed."""
+  n, d, f, e, k = 29, 8, 4, _E, 2
+  x_NxD, r, w = _problem(n, d, f, e, k)
+  elsewhere_NxK = (jnp.arange(n * k).reshape(n, k) % 3) == 0
+  experts_NxK = jnp.where(elsewhere_NxK, e, r.experts_NxK)
+  y = jax.jit(lambda *a: grouped.dropless(*a, block=4))(x_NxD, experts_NxK, r.weights_NxK, *w)
+  ref = moe.dispatch_dense(x_NxD, r._replace(weights_NxK=jnp.where(elsewhere_NxK, 0.0,
+                                                                   r.weights_NxK)), w, e)[0]
+  np.testing.assert_allclose(y, ref, atol=1e-5)
