@@ -76,6 +76,20 @@ def layout(experts_NxK: jax.Array, num_experts: int, block: int) -> Layout:
   return Layout(row_M, copy_R, expert_B, end_blocks_E[-1])
 
 
+def _varying(zeros: tuple, *inputs: jax.Array) -> tuple:
+  """`zeros` cast to vary over every manual mesh axis any input varies over.
+  Inside shard_map, loop carries must have the loop body's output types and
+  a custom VJP's cotangents its inputs' types: `dropless` casts the FFN's
+  inputs alike (the casts' transposes sum the gradients over those axes).
+  Outside shard_map this is the identity."""
+  vma = lambda a: jax.typeof(a).manual_axis_type.varying  # jax 0.10: not `.vma`
+  axes = frozenset().union(*map(vma, inputs))
+  def cast(z):
+    missing = tuple(sorted(axes - vma(z)))
+    return jax.lax.pcast(z, missing, to="varying") if missing else z
+  return tuple(map(cast, zeros))
+
+
 def _block_ffn(x_bxD, gate_DxF, up_DxF, down_FxD):
   g_bxF = x_bxD @ gate_DxF
   u_bxF = x_bxD @ up_DxF
@@ -103,8 +117,9 @@ def _grouped_fwd(block, xs_RxD, expert_B, used_blocks, gate_ExDxF, up_ExDxF, dow
             jax.lax.dynamic_update_slice_in_dim(g_RxF, g_bxF, at, 0),
             jax.lax.dynamic_update_slice_in_dim(u_RxF, u_bxF, at, 0))
 
-  zeros = (jnp.zeros((r, d), xs_RxD.dtype), jnp.zeros((r, f), xs_RxD.dtype),
-           jnp.zeros((r, f), xs_RxD.dtype))
+  zeros = _varying((jnp.zeros((r, d), xs_RxD.dtype), jnp.zeros((r, f), xs_RxD.dtype),
+                    jnp.zeros((r, f), xs_RxD.dtype)), xs_RxD, expert_B, gate_ExDxF, up_ExDxF,
+                   down_ExFxD)
   ys_RxD, g_RxF, u_RxF = jax.lax.fori_loop(0, used_blocks, body, zeros)
   return ys_RxD, (xs_RxD, g_RxF, u_RxF, expert_B, used_blocks, gate_ExDxF, up_ExDxF,
                   down_ExFxD)
@@ -133,8 +148,9 @@ def _grouped_bwd(block, res, dys_RxD):
             add_at(dgate, e, mm(x_bxD, dg_bxF)), add_at(dup, e, mm(x_bxD, du_bxF)),
             add_at(ddown, e, mm(silu_bxF * u_bxF, dy_bxD)))
 
-  init = (jnp.zeros_like(xs_RxD), jnp.zeros(gate_ExDxF.shape, acc),
-          jnp.zeros(up_ExDxF.shape, acc), jnp.zeros(down_ExFxD.shape, acc))
+  init = _varying((jnp.zeros(xs_RxD.shape, xs_RxD.dtype), jnp.zeros(gate_ExDxF.shape, acc),
+                   jnp.zeros(up_ExDxF.shape, acc), jnp.zeros(down_ExFxD.shape, acc)),
+                  xs_RxD, dys_RxD, g_RxF, u_RxF, expert_B, gate_ExDxF, up_ExDxF, down_ExFxD)
   dxs_RxD, dgate, dup, ddown = jax.lax.fori_loop(0, used_blocks, body, init)
   return (dxs_RxD, None, None, dgate.astype(gate_ExDxF.dtype), dup.astype(up_ExDxF.dtype),
           ddown.astype(down_ExFxD.dtype))
@@ -158,6 +174,9 @@ def dropless(x_NxD: jax.Array, experts_NxK: jax.Array, weights_NxK: jax.Array,
   block = block or default_block(n * k, e, d * gate_ExDxF.shape[-1])
   lay = layout(experts_NxK, e, block)
   xs_RxD = x_NxD.at[lay.copy_R // k].get(mode="fill", fill_value=0)
+  ffn_in = (xs_RxD, gate_ExDxF, up_ExDxF, down_ExFxD)
+  xs_RxD, gate_ExDxF, up_ExDxF, down_ExFxD = _varying(ffn_in, *ffn_in, lay.expert_B,
+                                                      lay.used_blocks)
   ys_RxD = grouped_ffn(block, xs_RxD, lay.expert_B, lay.used_blocks, gate_ExDxF, up_ExDxF,
                        down_ExFxD)
   y_NxKxD = ys_RxD.at[lay.row_M].get(mode="fill", fill_value=0).reshape(n, k, d)
