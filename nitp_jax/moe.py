@@ -1,16 +1,26 @@
 """DeepSeek-V2-style MoE FFN: softmax top-k router, routed SwiGLU experts,
-always-on shared experts, and four dispatch implementations that agree
-where they overlap:
+always-on shared experts, and five dispatch implementations that agree
+where they overlap (`config.DISPATCHES`):
 
-  capacity  one-hot einsum dispatch/combine per sequence with a capacity
-            factor (tokens over capacity are dropped and counted); GSPMD
-            shards the expert axis (all-to-alls). Matrix-unit friendly (TPU).
-  gather    the same slots, drops and outputs as capacity, moved by index
-            gathers instead of one-hot einsums; the fastest path on CPU.
-  ragged    dropless: token copies sorted by expert, `jax.lax.ragged_dot`;
-            with experts sharded over the mesh's "expert" axis it runs under
-            shard_map (all-gather tokens, local experts, reduce-scatter).
+  dropless  the default: token copies sorted by expert into blocks of one
+            expert each, a loop of block matmuls (`grouped.dropless`). No
+            drops; each token's output depends on its own routing only, so
+            it is causal and packed documents stay isolated (tested bitwise).
+            With experts sharded over the mesh's "expert" axis it runs under
+            shard_map: all-gather tokens over that axis, local experts on the
+            copies routed to them, psum over "mlp", reduce-scatter back.
+  ragged    dropless by `jax.lax.ragged_dot` (same shard_map form); on CPU
+            ragged_dot is a masked dense product: slow, large temporaries.
   dense     every expert on every token, masked; the reference.
+  capacity  one-hot einsum dispatch/combine per sequence with a capacity
+            factor; GSPMD shards the expert axis (all-to-alls). Matrix-unit
+            friendly (TPU).
+  gather    the same slots, drops and outputs as capacity, moved by index.
+
+capacity and gather fill capacity slots choice-major over the whole sequence:
+whether a token's copy is dropped depends on later tokens (and on other
+packed documents), so they are not causal. They stay for benchmarks and
+memory comparisons; training refuses them (`config.check_trainable`).
 """
 
 from __future__ import annotations
