@@ -9,8 +9,9 @@
 # moe_1p9b-like shape, NITP overhead within 1 point of the analytic one.
 # Each benchmark prints one JSON line (also kept in $RESULTS); a summary
 # follows. Knobs: SEQ, DENSE_BATCH, MOE_BATCH, OVERHEAD_LAYERS, ATTENTION
-# (auto | cudnn | xla), DISPATCH (gather | capacity | ragged; ragged ran out of
-# memory for moe_1p9b on an H200 at 8 x 2048), STEPS, ROUNDS.
+# (auto | cudnn | xla), DISPATCH (gather | capacity | ragged | dropless; ragged
+# ran out of memory for moe_1p9b on an H200 at 8 x 2048; dropless, the training
+# default, is a loop of block matmuls not yet measured on a GPU), STEPS, ROUNDS.
 set -euo pipefail
 
 cd "$(dirname "$0")"

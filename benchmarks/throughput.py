@@ -31,17 +31,18 @@ flags.DEFINE_integer("layers", 0, "Number of layers (0 = the preset's).")
 flags.DEFINE_string("remat", "", "Remat policy ('' = the preset's).")
 flags.DEFINE_integer("ce_chunk", -1, "Chunked cross-entropy (-1 = the preset's).")
 flags.DEFINE_string("attention", "", "Attention kernel ('' = the preset's).")
-flags.DEFINE_string("dispatch", "", "MoE dispatch ('' = the preset's).")
+flags.DEFINE_list("dispatch", [""], "MoE dispatches ('' = the preset's); several "
+                  "(e.g. dropless,gather) time each preset with each, as <preset>@<dispatch>.")
 flags.DEFINE_integer("steps", 2, "Steps per preset per round.")
 flags.DEFINE_integer("rounds", 5, "Alternating rounds.")
 flags.DEFINE_integer("matmul_n", 1024, "Size of the CPU peak matmul.")
 
 
-def make_config(preset: str):
+def make_config(preset: str, dispatch: str = ""):
   return common.apply_overrides(
       common.load_preset(preset), dtype=FLAGS.dtype, seq_len=FLAGS.seq_len,
       batch=FLAGS.batch, layers=FLAGS.layers, remat=FLAGS.remat, ce_chunk=FLAGS.ce_chunk,
-      attention=FLAGS.attention, dispatch=FLAGS.dispatch)
+      attention=FLAGS.attention, dispatch=dispatch)
 
 
 class MatmulPeak:
@@ -86,7 +87,9 @@ def brief(results: dict) -> dict:
 
 def main(argv) -> None:
   del argv
-  configs = {p: make_config(p) for p in FLAGS.preset}
+  dispatches = FLAGS.dispatch or [""]
+  configs = {p + (f"@{d}" if len(dispatches) > 1 else ""): make_config(p, d)
+             for p in FLAGS.preset for d in dispatches}
   runs = {p: common.Stepper(c) for p, c in configs.items()}
   fns = {p: (lambda s=s: s.run(FLAGS.steps)) for p, s in runs.items()}
   on_cpu = jax.default_backend() == "cpu"
@@ -105,12 +108,18 @@ def main(argv) -> None:
     out[clock]["peak_flops_per_device"] = common.rnd(peak)
   clock = common.primary_clock()
   dense_small = out[clock].get("dense_small", {}).get("mfu")
+  step_ratios = {}  # gather's step time / dropless's, paired per round
+  for p in FLAGS.preset:
+    if {f"{p}@dropless", f"{p}@gather"} <= set(runs):
+      step_ratios[p] = common.rnd(common.paired_ratio(times[clock][f"{p}@gather"],
+                                                      times[clock][f"{p}@dropless"]), 3)
   print(json.dumps({
       "benchmark": "throughput", **common.device_info(), "clock": clock,
       "peak_source": "measured float32 matmul" if on_cpu else "bf16 table (flops.py)",
       "results": out[clock], **({"results_wall": brief(out["wall"])} if on_cpu else {}),
       "target": "dense_small mfu >= 0.4 (CPU)" if on_cpu else "see gpu.sh",
       "target_met": dense_small >= 0.4 if dense_small is not None else None,
+      **({"gather_over_dropless_step_time": step_ratios} if step_ratios else {}),
   }))
 
 

@@ -1,5 +1,6 @@
 """Tiny dense model for a laptop CPU: NITP on the embedded default corpus in
-a few minutes. Variants: `--config=configs/tiny.py:moe` (tiny MoE),
+a few minutes. Variants: `--config=configs/tiny.py:moe` (tiny MoE, 8 experts
+top-2, the default dropless dispatch),
 `--config=configs/tiny.py:ntp` (the NTP baseline, λ = 0)."""
 from nitp_jax.config import base_config
 

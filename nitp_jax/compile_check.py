@@ -104,6 +104,7 @@ def check(cfg: ml_collections.ConfigDict, compile_step: bool = True) -> dict:
       "devices": mesh.size, "mesh": {k: int(v) for k, v in mesh.shape.items()},
       "global_batch": cfg.train.global_batch, "seq_len": cfg.train.seq_len,
       "microbatches": cfg.train.microbatches,
+      **({"dispatch": cfg.model.moe.dispatch} if config_lib.is_moe(cfg) else {}),
       "params": sum(math.prod(a.shape) for a in jax.tree.leaves(params)),
       "param_bytes_per_device": sharding.per_device_bytes(params, shardings["params"]),
       "opt_state_bytes_per_device": sharding.per_device_bytes(state["opt_state"],

@@ -15,7 +15,11 @@ from nitp_jax.errors import ConfigError
 
 # Allowed values; the model/moe/nitp ones are checked in model_config.py.
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")  # auto: cudnn on GPU in bf16/fp16, else xla
-DISPATCHES = ("gather", "capacity", "ragged", "dense")
+DISPATCHES = ("dropless", "ragged", "dense", "gather", "capacity")
+# Dispatches whose outputs depend on each token's own routing only (causal,
+# document-isolated): the ones training accepts. gather/capacity fill
+# capacity slots over the whole sequence, so later tokens change earlier ones.
+CAUSAL_DISPATCHES = ("dropless", "ragged", "dense")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 NITP_LOSSES = ("cosine", "mse", "smooth_l1", "kl")
@@ -60,8 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
   e.shared_expert_ffn = 256
   e.renormalize = False         # renormalise the top-k softmax weights to 1
   e.routed_scaling = 1.0
-  e.dispatch = "gather"         # capacity slots by index; "capacity": the same slots by
-                                # one-hot einsums (TPU); "ragged": dropless; "dense": reference
+  e.dispatch = "dropless"       # grouped block matmuls, no drops (causal); "ragged":
+                                # dropless by ragged_dot; "dense": reference; "gather" /
+                                # "capacity": capacity slots (drop, not causal: not for training)
   e.capacity_factor = 1.25
   e.aux_loss_weight = 0.01      # load balancing
   e.z_loss_weight = 0.0         # router z-loss
@@ -225,6 +230,17 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("mesh", {a: cfg.mesh[a] for a in ("data", "fsdp", "tensor", "expert")},
           "at most one axis may be -1 (fill)")
   return cfg
+
+
+def check_trainable(cfg: ml_collections.ConfigDict) -> None:
+  """ConfigError unless cfg's MoE dispatch is causal. Training calls this;
+  `validate` does not, so benchmarks and compile_check still build gather /
+  capacity for comparison."""
+  d = cfg.model.moe.dispatch
+  if is_moe(cfg) and d not in CAUSAL_DISPATCHES:
+    _fail("model.moe.dispatch", d, "cannot train: it drops token copies by capacity over "
+          "the whole sequence, so later tokens change earlier tokens' outputs (and packed "
+          "documents each other's); use 'dropless'")
 
 
 def paper_recipe(c: ml_collections.ConfigDict, *, lr: float, global_batch: int,

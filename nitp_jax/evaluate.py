@@ -1,6 +1,6 @@
 """Evaluate a run's checkpoint on held-out data; print one JSON object.
 
-  python -m nitp_jax.evaluate --workdir=DIR [--step=N] [--batches=N]
+  python -m nitp_jax.evaluate --workdir=DIR [--step=N] [--batches=N] [--dispatch=NAME]
 
 Keys: step, loss (NTP cross-entropy, nats per token) and ppl; nitp and
 nitp_cos (NITP loss and mean cosine of P(h_t) with z_{t+1}) when the run
@@ -14,6 +14,11 @@ same step. Loss and NITP are token-weighted over all batches. Geometry is
 computed per batch and then averaged over the batches (equal weight), so it
 is on the same scale as the trainer's probe record (one batch; --batches=1
 reproduces it: the probe batch is the first eval batch).
+
+MoE runs are evaluated with the dispatch they trained with (the checkpoint's
+config) unless --dispatch names another; the dropless ones (dropless, ragged,
+dense) compute the same model, gather / capacity drop copies by capacity and
+give other numbers.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from absl import flags
 
 from nitp_jax import checkpoint as ckpt_lib
 from nitp_jax import cli
+from nitp_jax import config as config_lib
 from nitp_jax import jitted
 from nitp_jax import layout
 from nitp_jax import sharding
@@ -81,9 +87,23 @@ def eval_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   return jitted.mesh_for_config(cfg)
 
 
-def evaluate_run(workdir: str, step: int | None = None, batches: int | None = None) -> dict:
-  """The JSON-able evaluation of a run's checkpoint (latest when step is None)."""
+def with_dispatch(cfg: ml_collections.ConfigDict, dispatch: str | None
+                  ) -> ml_collections.ConfigDict:
+  """cfg with model.moe.dispatch = `dispatch` (None: cfg's own, the one the
+  run trained with), validated."""
+  if not dispatch:
+    return cfg
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.model.moe.dispatch = dispatch
+  return config_lib.validate(cfg)
+
+
+def evaluate_run(workdir: str, step: int | None = None, batches: int | None = None,
+                 dispatch: str | None = None) -> dict:
+  """The JSON-able evaluation of a run's checkpoint (latest when step is
+  None) with the MoE dispatch it trained with, or `dispatch`."""
   step, cfg, params = ckpt_lib.restore_params(workdir, step)
+  cfg = with_dispatch(cfg, dispatch)
   n = cfg.train.eval_batches if batches is None else batches
   if n <= 0:
     raise DataError(f"--batches={n} is invalid: must be a positive integer")
@@ -98,7 +118,8 @@ def evaluate_run(workdir: str, step: int | None = None, batches: int | None = No
   result["batches"] = len(eval_batches)
   order = ["loss", "ppl", "nitp", "nitp_cos", *GEOMETRY_KEYS, "tokens", "batches"]
   ordered = {k: result[k] for k in order if k in result}
-  return {"workdir": os.path.abspath(workdir), "step": step,
+  moe = {"dispatch": cfg.model.moe.dispatch} if config_lib.is_moe(cfg) else {}
+  return {"workdir": os.path.abspath(workdir), "step": step, **moe,
           **{k: _finite_or_none(v) if isinstance(v, float) else v for k, v in ordered.items()},
           "geometry": "mean over batches"}
 
@@ -106,7 +127,7 @@ def evaluate_run(workdir: str, step: int | None = None, batches: int | None = No
 def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
-  print(json.dumps(evaluate_run(f.workdir, f.step, f.batches)))
+  print(json.dumps(evaluate_run(f.workdir, f.step, f.batches, f.dispatch)))
 
 
 def define_flags() -> None:
@@ -115,7 +136,10 @@ def define_flags() -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_integer("batches", None, "Validation batches of train.global_batch rows "
                        "(default: the run's train.eval_batches).")
+  flags.DEFINE_string("dispatch", None, "MoE dispatch, one of "
+                      f"{', '.join(config_lib.DISPATCHES)} (default: the one the run "
+                      "trained with).")
 
 
 if __name__ == "__main__":
-  cli.run_main(main, define_flags, usage="--workdir=DIR [--step=N] [--batches=N]")
+  cli.run_main(main, define_flags, usage="--workdir=DIR [--step=N] [--batches=N] [--dispatch=NAME]")

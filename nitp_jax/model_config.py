@@ -77,7 +77,7 @@ class MoEConfig:
   shared_expert_ffn: int = 0
   renormalize: bool = False     # renormalise the top-k softmax weights to 1
   routed_scaling: float = 1.0
-  dispatch: str = "gather"
+  dispatch: str = "dropless"
   capacity_factor: float = 1.25
   num_dense_layers: int = 1     # checked against the depth by ModelConfig
   aux_loss_weight: float = 0.01

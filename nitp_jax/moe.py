@@ -1,16 +1,26 @@
 """DeepSeek-V2-style MoE FFN: softmax top-k router, routed SwiGLU experts,
-always-on shared experts, and four dispatch implementations that agree
-where they overlap:
+always-on shared experts, and five dispatch implementations that agree
+where they overlap (`config.DISPATCHES`):
 
-  capacity  one-hot einsum dispatch/combine per sequence with a capacity
-            factor (tokens over capacity are dropped and counted); GSPMD
-            shards the expert axis (all-to-alls). Matrix-unit friendly (TPU).
-  gather    the same slots, drops and outputs as capacity, moved by index
-            gathers instead of one-hot einsums; the fastest path on CPU.
-  ragged    dropless: token copies sorted by expert, `jax.lax.ragged_dot`;
-            with experts sharded over the mesh's "expert" axis it runs under
-            shard_map (all-gather tokens, local experts, reduce-scatter).
+  dropless  the default: token copies sorted by expert into blocks of one
+            expert each, a loop of block matmuls (`grouped.dropless`). No
+            drops; each token's output depends on its own routing only, so
+            it is causal and packed documents stay isolated (tested bitwise).
+            With experts sharded over the mesh's "expert" axis it runs under
+            shard_map: all-gather tokens over that axis, local experts on the
+            copies routed to them, psum over "mlp", reduce-scatter back.
+  ragged    dropless by `jax.lax.ragged_dot` (same shard_map form); on CPU
+            ragged_dot is a masked dense product: slow, large temporaries.
   dense     every expert on every token, masked; the reference.
+  capacity  one-hot einsum dispatch/combine per sequence with a capacity
+            factor; GSPMD shards the expert axis (all-to-alls). Matrix-unit
+            friendly (TPU).
+  gather    the same slots, drops and outputs as capacity, moved by index.
+
+capacity and gather fill capacity slots choice-major over the whole sequence:
+whether a token's copy is dropped depends on later tokens (and on other
+packed documents), so they are not causal. They stay for benchmarks and
+memory comparisons; training refuses them (`config.check_trainable`).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nitp_jax import grouped
 from nitp_jax import sharding
 from nitp_jax.layers import SwiGLU, param
 from nitp_jax.model_config import MoEConfig
@@ -97,10 +108,10 @@ def _experts_on_buffers(x_GxExCxD, w, num_experts: int):
   change from batch- to expert-sharding into all-to-alls."""
   g, _, c, d = x_GxExCxD.shape
   x_ExGxCxD = nn.with_logical_constraint(x_GxExCxD.transpose(1, 0, 2, 3),
-                                         ("expert", "expert_batch", None, None))
+                                         ("activation_experts", "activation_expert_batch", None, None))
   y_ExGxCxD = _expert_ffn(x_ExGxCxD.reshape(num_experts, g * c, d), *w).reshape(
       num_experts, g, c, d)
-  y_ExGxCxD = nn.with_logical_constraint(y_ExGxCxD, ("expert", "expert_batch", None, None))
+  y_ExGxCxD = nn.with_logical_constraint(y_ExGxCxD, ("activation_experts", "activation_expert_batch", None, None))
   return y_ExGxCxD.transpose(1, 0, 2, 3)
 
 
@@ -191,7 +202,7 @@ def dispatch_ragged_sharded(x_NxD, r: Routing, w, num_experts: int):
   shards that own the tokens.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  tokens = sharding.logical_to_mesh("batch", None)
+  tokens = sharding.logical_to_mesh("activation_batch", None)
   w_in = sharding.logical_to_mesh("expert", None, "mlp")   # gate, up [X, D, F]
   w_out = sharding.logical_to_mesh("expert", "mlp", None)  # down [X, F, D]
   expert, tensor = w_in[0], w_in[2]
@@ -222,6 +233,51 @@ def dispatch_ragged_sharded(x_NxD, r: Routing, w, num_experts: int):
   return y_NxD, jnp.float32(0.0)
 
 
+def dispatch_dropless(x_NxD, r: Routing, w, num_experts: int):
+  """Dropless by `grouped.dropless`: copies sorted by expert into blocks of
+  one expert each, a loop of block matmuls. Each token's output depends only
+  on its own routing: causal and document-isolated."""
+  del num_experts
+  return grouped.dropless(x_NxD, r.experts_NxK, r.weights_NxK, *w), jnp.float32(0.0)
+
+
+def dispatch_dropless_sharded(x_NxD, r: Routing, w, num_experts: int):
+  """`dispatch_dropless` with the experts split over the mesh axes of the
+  logical "expert" axis (and their hidden dim over those of "mlp"), under
+  shard_map like `dispatch_ragged_sharded`: each expert shard all-gathers
+  its peers' tokens and routing, runs `grouped.dropless` on the copies
+  routed to its own experts (the others sort last and are never computed),
+  sums the partial outputs over the "mlp" axes and reduce-scatters them back
+  to the shards that own the tokens. Nothing is dropped: the copy buffer is
+  sized for every gathered copy landing on one shard.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  tokens = sharding.logical_to_mesh("activation_batch", None)
+  w_in = sharding.logical_to_mesh("expert", None, "mlp")   # gate, up [X, D, F]
+  w_out = sharding.logical_to_mesh("expert", "mlp", None)  # down [X, F, D]
+  expert, tensor = w_in[0], w_in[2]
+  in_specs = (tokens, tokens, tokens, w_in, w_in, w_out)
+
+  def local(x_nxD, experts_nxK, weights_nxK, gate_XxDxF, up_XxDxF, down_XxFxD):
+    num_local, d, f = gate_XxDxF.shape
+    x_MxD, experts_MxK, weights_MxK = (
+        jax.lax.all_gather(a, expert, tiled=True) for a in (x_nxD, experts_nxK, weights_nxK))
+    m, k = experts_MxK.shape
+    local_MxK = experts_MxK - jax.lax.axis_index(expert) * num_local
+    mine_MxK = (local_MxK >= 0) & (local_MxK < num_local)
+    local_MxK = jnp.where(mine_MxK, local_MxK, num_local)  # elsewhere: sorted last, skipped
+    # Block size from the mean group (m*k/E copies per expert), not all m*k copies.
+    block = grouped.default_block(m * k * num_local // num_experts, num_local, d * f)
+    y_MxD = grouped.dropless(x_MxD, local_MxK, weights_MxK, gate_XxDxF, up_XxDxF,
+                             down_XxFxD, block=block)
+    y_MxD = jax.lax.psum(y_MxD, tensor)
+    return jax.lax.psum_scatter(y_MxD, expert, scatter_dimension=0, tiled=True)
+
+  y_NxD = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=tokens)(
+      x_NxD, r.experts_NxK, r.weights_NxK, *w)
+  return y_NxD, jnp.float32(0.0)
+
+
 class MoE(nn.Module):
   """The MoE FFN as `cfg` describes it; init std and dtypes are the model's."""
   cfg: MoEConfig
@@ -244,7 +300,11 @@ class MoE(nn.Module):
     x_NxD = x.reshape(b * t, d)
     logits_NxE = jnp.einsum("nd,de->ne", x_NxD.astype(jnp.float32), router_DxE.astype(jnp.float32))
     r = route(logits_NxE, c.top_k, c.renormalize, c.routed_scaling)
-    if c.dispatch == "capacity":
+    if c.dispatch == "dropless" and expert_shards() > 1:
+      y, dropped = dispatch_dropless_sharded(x_NxD, r, w, e)
+    elif c.dispatch == "dropless":
+      y, dropped = dispatch_dropless(x_NxD, r, w, e)
+    elif c.dispatch == "capacity":
       y, dropped = dispatch_capacity(x, r, w, e, c.capacity_factor)
     elif c.dispatch == "gather":
       y, dropped = dispatch_gather(x, r, w, e, c.capacity_factor)

@@ -45,9 +45,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_heads", "tensor"),
     ("activation_head_dim", None),
     ("activation_mlp", "tensor"),
-    ("batch", BATCH_AXES),               # rows: every data-parallel axis
-    ("expert_batch", ("data", "fsdp")),  # token groups next to an expert dim
-    ("length", None),
+    ("activation_experts", "expert"),                # capacity buffers [E, G, C, D]:
+    ("activation_expert_batch", ("data", "fsdp")),   # token groups beside experts
     ("expert", "expert"),                # expert parallelism (before embed)
     ("embed", ("fsdp", "expert")),       # FSDP on d_model; dense weights also
     ("embed", "fsdp"),                   # over "expert", experts' over fsdp

@@ -81,6 +81,7 @@ class Trainer:
 
   def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
     self.cfg = config_lib.validate(cfg)
+    config_lib.check_trainable(cfg)
     self.workdir = layout.make_workdir(workdir)
     t = cfg.train
     self.is_main = jax.process_index() == 0

@@ -39,3 +39,15 @@ def train_config(prepared: str, moe: bool = False, **train):
   for k, v in train.items():
     t[k] = v
   return config_lib.validate(c)
+
+
+@pytest.fixture(scope="session")
+def trained_moe_run(prepared_dir, tmp_path_factory) -> str:
+  """The workdir of a 6-step MoE run with the default (dropless) dispatch."""
+  from nitp_jax import train  # pylint: disable=import-outside-toplevel
+  cfg = train_config(prepared_dir, moe=True, steps=6, eval_every=6, checkpoint_every=6,
+                     geometry_every=0, log_every=3)
+  assert cfg.model.moe.dispatch == "dropless"
+  workdir = str(tmp_path_factory.mktemp("moe_run"))
+  train.run(cfg, workdir)
+  return workdir

@@ -75,7 +75,7 @@ CASES = [
      "config.model.moe.top_k=5 is invalid: must be <= model.moe.num_experts=4"),
     ("dispatch", lambda p, b, t: (_set(_set(_cfg(p), "model.moe.num_experts", 4),
                                        "model.moe.dispatch", "sparse"), t / "w"),
-     "config.model.moe.dispatch='sparse' is invalid: must be one of gather, capacity, ragged, dense"),
+     "config.model.moe.dispatch='sparse' is invalid: must be one of dropless, ragged, dense, gather, capacity"),
     ("missing_path", lambda p, b, t: (_cfg(str(t / "prep"), input="/no/such/corpus"), t / "w"),
      "/no/such/corpus"),
     ("empty_glob", lambda p, b, t: (_cfg(str(t / "prep"), input=str(b / "*.nothing")), t / "w"),

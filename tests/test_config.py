@@ -81,7 +81,7 @@ BAD = [
     ("nitp.loss", "cos", "must be one of cosine, mse, smooth_l1, kl"),
     ("nitp.shift", 2, "must be 1 (t -> t+1, the paper) or 0"),
     ("nitp.projector", "mlp", "must be one of swiglu, none"),
-    ("model.moe.dispatch", "sparse", "must be one of gather, capacity, ragged, dense"),
+    ("model.moe.dispatch", "sparse", "must be one of dropless, ragged, dense, gather, capacity"),
     ("model.remat_policy", "some", "must be one of none, full, dots, dots_no_batch"),
     ("train.microbatches", 3, "must divide train.global_batch=8"),
     ("train.seq_len", 512, "must be <= model.max_seq_len=256"),

@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nitp_jax import checkpoint as ckpt_lib
 from nitp_jax import model as model_lib
 from nitp_jax.export import hf
+from tests.conftest import VOCAB
 from tests.helpers import small_config
 
 torch = pytest.importorskip("torch")
@@ -38,7 +40,7 @@ def _config(moe, qkv_bias, tie, renormalize, scan):
   if moe:
     m.num_layers = 3                  # 1 dense + 2 MoE blocks
     m.moe.renormalize = renormalize
-    m.moe.dispatch = "dense"          # dropless, like HF
+    assert m.moe.dispatch == "dropless"  # the default, as trained; dropless like HF
   return cfg
 
 
@@ -96,6 +98,21 @@ def test_logits_match_transformers(exported):
   ours = _jax_logits(cfg, params, tokens_BxT)
   assert np.abs(ours).max() > 1.0                 # a non-trivial comparison
   np.testing.assert_allclose(hf_logits, ours, atol=1e-4, rtol=0)
+
+
+def test_trained_moe_checkpoint_exports_to_the_same_model(trained_moe_run, tmp_path):
+  """A checkpoint as training writes it (default dispatch: dropless), exported
+  from its workdir: transformers' Qwen2-MoE gives the same logits."""
+  _, cfg, params = ckpt_lib.restore_params(trained_moe_run)
+  assert cfg.model.moe.num_experts and cfg.model.moe.dispatch == "dropless"
+  out = hf.export_from_params(params, cfg, str(tmp_path / "hf"), trained_moe_run)
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      out, dtype=torch.float32, attn_implementation="eager").eval()
+  assert type(model).__name__ == "Qwen2MoeForCausalLM"
+  tokens_BxT = np.random.default_rng(2).integers(0, VOCAB, (2, cfg.train.seq_len), np.int32)
+  with torch.no_grad():
+    hf_logits = model(torch.from_numpy(tokens_BxT.astype(np.int64))).logits.numpy()
+  np.testing.assert_allclose(hf_logits, _jax_logits(cfg, params, tokens_BxT), atol=1e-4, rtol=0)
 
 
 def test_import_then_export_reproduces_the_files(exported, tmp_path):

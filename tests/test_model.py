@@ -125,13 +125,13 @@ def test_moe_dispatches_agree():
   import flax.linen as nn
   params = nn.unbox(_moe_layer("dense").init(jax.random.key(2), x))
   outs, grads = {}, {}
-  for dispatch in ("dense", "capacity", "gather", "ragged"):
+  for dispatch in ("dense", "dropless", "capacity", "gather", "ragged"):
     layer = _moe_layer(dispatch)
     f = lambda p, xx: jnp.sum(jnp.sin(layer.apply(p, xx)[0]))
     outs[dispatch], aux = jax.jit(lambda p: layer.apply(p, x))(params)
     assert float(aux["dropped_fraction"]) == 0.0
     grads[dispatch] = jax.jit(jax.grad(f, argnums=(0, 1)))(params, x)
-  for dispatch in ("capacity", "gather", "ragged"):
+  for dispatch in ("dropless", "capacity", "gather", "ragged"):
     np.testing.assert_allclose(outs[dispatch], outs["dense"], atol=1e-5)
     assert max_abs_diff(grads[dispatch], grads["dense"]) < 1e-4
 

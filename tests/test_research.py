@@ -133,6 +133,20 @@ def test_evaluate_geometry_on_the_probe_batch_matches_the_probe_record(compariso
     assert result[key] == pytest.approx(probe[key], rel=1e-4, abs=1e-5), key
 
 
+def test_evaluate_moe_uses_the_trained_dispatch_unless_told(trained_moe_run):
+  """Default: the dispatch the run trained with (dropless), reproducing the
+  trainer's eval record; --dispatch=dense computes the same model."""
+  result = evaluate.evaluate_run(trained_moe_run)
+  last = records(trained_moe_run, "eval")[-1]
+  assert result["dispatch"] == "dropless" and result["step"] == last["step"]
+  assert result["loss"] == pytest.approx(last["ntp"], rel=1e-5, abs=1e-6)
+  dense = evaluate.evaluate_run(trained_moe_run, dispatch="dense")
+  assert dense["dispatch"] == "dense"
+  assert dense["loss"] == pytest.approx(result["loss"], rel=1e-5, abs=1e-6)
+  with pytest.raises(config_lib.ConfigError, match="model.moe.dispatch='sparse' is invalid"):
+    evaluate.evaluate_run(trained_moe_run, dispatch="sparse")
+
+
 def test_evaluate_cli_errors_in_one_line(tmp_path):
   missing = str(tmp_path / "no_run")
   proc = cli("nitp_jax.evaluate", f"--workdir={missing}")

@@ -1,7 +1,7 @@
 """Sharding: the rules give the intended parameter layout, meshes are built as
 configured, and on 8 simulated CPU devices one sharded training step equals
 the single-device step (dense over data×fsdp×tensor; MoE with experts split
-over `expert`, gather, capacity and ragged dispatch).
+over `expert`: the default dropless dispatch, ragged, gather and capacity).
 
 The multi-device checks run once, in a subprocess (`python -m
 tests.test_sharding`) with XLA_FLAGS=--xla_force_host_platform_device_count=8,
@@ -150,7 +150,8 @@ def eight_devices() -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", ["dense", "moe_gather", "moe_capacity", "moe_ragged"])
+@pytest.mark.parametrize("case", ["dense", "moe_dropless", "moe_gather", "moe_capacity",
+                                  "moe_ragged"])
 def test_sharded_step_matches_single_device(eight_devices, case):
   r = eight_devices[case]
   assert r["devices"] == 8, r
@@ -172,6 +173,9 @@ def test_sharded_layouts(eight_devices):
   # one-hot einsums or by gathers.
   assert dense["constraints"] > 0 and moe["constraints"] > 0
   assert moe["all_to_all"] > 0 and eight_devices["moe_gather"]["all_to_all"] > 0
+  # dropless (and ragged) run under shard_map: outputs reduce-scattered home.
+  assert eight_devices["moe_dropless"]["reduce_scatter"] > 0
+  assert eight_devices["moe_ragged"]["reduce_scatter"] > 0
 
 
 def test_mesh_checks_name_the_problem(eight_devices):
@@ -199,6 +203,7 @@ def test_compile_check_reports_per_device_bytes():
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])
   assert report["devices"] == 8 and report["compiled"]
+  assert report["dispatch"] == "dropless"  # the default, under shard_map (expert=2)
   assert report["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2, "expert": 2}
   cfg = config_lib.load_config_file(os.path.join(ROOT, "configs", "tiny.py:moe"))
   for flag in overrides:
@@ -287,6 +292,7 @@ def _compare(cfg, mesh_sizes: dict, reference=None) -> tuple[dict, tuple]:
       "embed_spec": _spec(params["embed"]),
       "constraints": lowered.as_text().count("sharding_constraint"),
       "all_to_all": compiled.as_text().count("all-to-all("),
+      "reduce_scatter": lowered.as_text().count("reduce_scatter"),
   }
   moe = [v for v in params.values() if isinstance(v, dict) and "moe" in v]
   if moe:
@@ -308,7 +314,7 @@ def _moe_config(num_experts: int = 8):
   cfg = small_config(moe=True)
   cfg.model.vocab_size = 96
   cfg.model.moe.num_experts = num_experts
-  cfg.model.moe.capacity_factor = 4.0  # = experts / top_k: no drops, so capacity == ragged
+  cfg.model.moe.capacity_factor = 4.0  # = experts / top_k: no drops, so capacity == dropless
   return cfg
 
 
@@ -321,8 +327,9 @@ def main() -> None:
   results["dense"], _ = _compare(dense, dict(data=2, fsdp=2, tensor=2, expert=1))
   layout = dict(data=1, fsdp=2, tensor=2, expert=2)
   reference = None
-  for dispatch in ("gather", "capacity", "ragged"):
+  for dispatch in ("dropless", "gather", "capacity", "ragged"):
     cfg = _moe_config()
+    assert cfg.model.moe.dispatch == "dropless"  # the default
     cfg.model.moe.dispatch = dispatch
     results[f"moe_{dispatch}"], reference = _compare(cfg, layout, reference)
   small = small_config()
