@@ -76,13 +76,19 @@ def test_rules_shard_batch_embed_heads_mlp_experts():
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   rules = sharding.LOGICAL_RULES
   to_mesh = lambda *axes: nn.logical_to_mesh_axes(axes, rules)
-  assert to_mesh("batch", "length", "embed") == P(("data", "fsdp", "expert"), None, None)
-  assert to_mesh("batch", "length", "q_heads", "head_dim") == P(
-      ("data", "fsdp", "expert"), None, "tensor", None)
-  assert to_mesh("batch", "length", "mlp") == P(("data", "fsdp", "expert"), None, "tensor")
-  assert to_mesh("batch", "length", "vocab") == P(("data", "fsdp", "expert"), None, "tensor")
-  assert to_mesh("expert", "expert_batch", None, None) == P("expert", ("data", "fsdp"), None,
-                                                            None)
+  rows = ("data", "fsdp", "expert")
+  assert to_mesh("activation_batch", "activation_length", "activation_embed") == P(
+      rows, None, None)
+  assert to_mesh("activation_batch", "activation_length", "activation_heads",
+                 "activation_head_dim") == P(rows, None, "tensor", None)
+  assert to_mesh("activation_batch", "activation_length", "activation_mlp") == P(
+      rows, None, "tensor")
+  assert to_mesh("activation_batch", "activation_length", "activation_vocab") == P(
+      rows, None, "tensor")
+  assert to_mesh("activation_experts", "activation_expert_batch", None, None) == P(
+      "expert", ("data", "fsdp"), None, None)
+  assert to_mesh("embed", "mlp") == P(("fsdp", "expert"), "tensor")  # dense weights
+  assert to_mesh("expert", "embed", "mlp") == P("expert", "fsdp", "tensor")  # experts'
 
 
 def _mesh_cfg(**sizes):
