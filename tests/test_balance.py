@@ -171,3 +171,12 @@ def test_resume_with_another_bias_setting_names_the_field():
   ckpt_lib.check_resumable(old, small_config(moe=True), "/ckpt")
   with pytest.raises(CheckpointError, match="bias_update_rate: 0.0 -> 0.001"):
     ckpt_lib.check_resumable(old, current, "/ckpt")
+
+
+def test_bias_is_replicated_on_every_mesh_axis():
+  _, logical = model_lib.abstract_params(_bias_config())
+  specs = [sub["moe"]["router_bias"] for sub in logical["backbone"].values()
+           if isinstance(sub, dict) and "moe" in sub]
+  assert specs and all(tuple(s) == ("layers", None) for s in specs)
+  from nitp_jax import sharding
+  assert all(a is None for a in sharding.logical_to_mesh("layers", None))
