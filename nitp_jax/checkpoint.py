@@ -152,13 +152,30 @@ def config_mismatches(saved: ml_collections.ConfigDict, current: ml_collections.
   return diffs
 
 
+# Saved configs from before a field existed hold its then-implied value.
+FIELD_DEFAULTS = {"model.moe.balance_loss": "batch", "model.moe.bias_update_rate": 0.0}
+
+
+def _with_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  for field, value in FIELD_DEFAULTS.items():
+    *parents, leaf = field.split(".")
+    node = cfg[".".join(parents)]
+    if leaf not in node:
+      node[leaf] = value
+  return cfg
+
+
 def check_resumable(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict,
                     directory: str) -> None:
-  diffs = config_mismatches(saved, current)
+  diffs = config_mismatches(_with_defaults(saved), current)
   if diffs:
+    bias = [d for d in diffs if d.startswith("model.moe.bias_update_rate")]
+    hint = (" A router bias (bias_update_rate > 0) is part of the train state: a checkpoint "
+            "with or without one restores only under the same bias_update_rate." if bias else "")
     raise CheckpointError(
         f"the checkpoint in {directory} was written under another config "
-        f"({'; '.join(diffs)}). Resume with the same values, or use a new --workdir.")
+        f"({'; '.join(diffs)}). Resume with the same values, or use a new --workdir.{hint}")
 
 
 def restore_params(workdir: str, step: int | None = None

@@ -20,6 +20,7 @@ DISPATCHES = ("dropless", "ragged", "dense", "gather", "capacity")
 # document-isolated): the ones training accepts. gather/capacity fill
 # capacity slots over the whole sequence, so later tokens change earlier ones.
 CAUSAL_DISPATCHES = ("dropless", "ragged", "dense")
+BALANCE_LOSSES = ("batch", "sequence", "none")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 NITP_LOSSES = ("cosine", "mse", "smooth_l1", "kl")
@@ -68,7 +69,14 @@ def base_config() -> ml_collections.ConfigDict:
                                 # dropless by ragged_dot; "dense": reference; "gather" /
                                 # "capacity": capacity slots (drop, not causal: not for training)
   e.capacity_factor = 1.25
-  e.aux_loss_weight = 0.01      # load balancing
+  e.aux_loss_weight = 0.01      # α: weight of the balance loss
+  e.balance_loss = "batch"      # "batch": E·Σ f_i P_i over the whole batch; "sequence":
+                                # the same per sequence (row), averaged (DeepSeek-V3);
+                                # "none": no balance loss (still logged)
+  e.bias_update_rate = 0.0      # γ: auxiliary-loss-free balancing (DeepSeek-V3), a
+                                # per-expert bias on the routing scores (top-k choice
+                                # only), b_i += γ·sign(mean load - load_i) after each
+                                # step; 0 = off. Not exportable to HF.
   e.z_loss_weight = 0.0         # router z-loss
 
   c.nitp = n = ml_collections.ConfigDict()

@@ -29,6 +29,10 @@ def console_line(step: int, total: int, m: dict[str, float]) -> str:
     parts.append(f"nitp {m['nitp']:.4f}")
   if "cosine_reg" in m:
     parts.append(f"cos_reg {m['cosine_reg']:.4f}")
+  if "moe_load_max_over_mean" in m:  # worst MoE layer; per layer in metrics.jsonl
+    parts.append(f"load max/mean {m['moe_load_max_over_mean']:.2f}")
+  if m.get("dropped_fraction", 0.0) > 0:
+    parts.append(f"dropped {100 * m['dropped_fraction']:.1f}%")
   parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}"]
   if "tokens_per_s" in m:
     parts.append(f"{m['tokens_per_s']:,.0f} tok/s")

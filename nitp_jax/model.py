@@ -30,7 +30,8 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-AUX_KEYS = ("load_balance", "router_z", "dropped_fraction")
+AUX_KEYS = ("load_balance", "router_z", "dropped_fraction")  # scalars, mean over MoE layers
+LOAD_KEY = "moe_load_LxE"     # per MoE layer (bottom first): fraction of copies per expert
 
 
 class Block(nn.Module):
@@ -51,7 +52,7 @@ class Block(nn.Module):
       y, aux = MoE(c.moe, c.init_std, cdt, pdt, name="moe")(h)
     else:
       y = SwiGLU(c.ffn_dim, c.init_std, cdt, pdt, name="mlp")(h)
-      aux = {k: jnp.float32(0.0) for k in AUX_KEYS}
+      aux = {}
     return x_BxTxD + y.astype(x_BxTxD.dtype), aux
 
 
@@ -98,12 +99,14 @@ class Transformer(nn.Module):
                         metadata_params={nn.PARTITION_NAME: "layers"})
         x_BxTxD, aux = stack(c, is_moe, name=f"layers_{start}_{end}")(
             x_BxTxD, segment_ids_BxT, positions_BxT)
-        aux_layers.append(aux)
+        if is_moe:
+          aux_layers.append(aux)
       else:
         block = _remat(Block, c.remat_policy, False)
         for i in range(start, end):
           x_BxTxD, aux = block(c, is_moe, name=f"layer_{i}")(x_BxTxD, segment_ids_BxT, positions_BxT)
-          aux_layers.append(jax.tree.map(lambda a: a[None], aux))
+          if is_moe:
+            aux_layers.append(jax.tree.map(lambda a: a[None], aux))
       if end == k:
         target_BxTxD = x_BxTxD
     normed_BxTxD = RMSNorm(c.norm_eps, pdt, name="final_norm")(x_BxTxD)
@@ -114,7 +117,7 @@ class Transformer(nn.Module):
                           c.init_std, pdt)
     hidden = {"target": target_BxTxD,
               "last": normed_BxTxD if self.nitp.last_after_norm else x_BxTxD}
-    aux = _mean_moe_aux(aux_layers, num_dense < c.num_layers, c.num_layers - num_dense)
+    aux = _moe_aux(aux_layers)
     if not return_logits:
       return normed_BxTxD, hidden, aux
     logits_BxTxV = unembed(normed_BxTxD, unembed_DxV, cdt)
@@ -133,11 +136,32 @@ def unembed_matrix(backbone: dict, tie_embeddings: bool) -> jax.Array:
   return backbone["embed"].T if tie_embeddings else backbone["unembed"]
 
 
-def _mean_moe_aux(aux_layers: list[dict], has_moe: bool, num_moe: int) -> dict:
-  """Average each aux metric over the MoE layers (zeros for a dense model)."""
-  if not has_moe:
+def _moe_aux(aux_layers: list[dict]) -> dict:
+  """Each scalar aux metric averaged over the MoE layers (zeros for a dense
+  model), and the expert loads stacked per MoE layer as LOAD_KEY [L_moe, E]
+  (absent for a dense model). `aux_layers` holds [n, ...] per MoE segment."""
+  if not aux_layers:
     return {k: jnp.float32(0.0) for k in AUX_KEYS}
-  return {k: sum(jnp.sum(a[k]) for a in aux_layers) / num_moe for k in AUX_KEYS}
+  out = {k: jnp.mean(jnp.concatenate([a[k] for a in aux_layers])) for k in AUX_KEYS}
+  out[LOAD_KEY] = jnp.concatenate([a["load_E"] for a in aux_layers])
+  return out
+
+
+def router_biases(backbone: dict) -> list[tuple[str, jax.Array]]:
+  """[(segment or layer name, router bias [n, E] or [E])] in layer order,
+  the MoE layers' auxiliary-loss-free biases (empty when there are none)."""
+  found = [(name, sub["moe"]["router_bias"]) for name, sub in backbone.items()
+           if name.startswith("layer") and "router_bias" in sub.get("moe", {})]
+  first = lambda name: int(name.split("_")[1])
+  return sorted(found, key=lambda item: first(item[0]))
+
+
+def with_router_biases(backbone: dict, biases: dict[str, jax.Array]) -> dict:
+  """`backbone` with the router biases of the named segments/layers replaced."""
+  out = dict(backbone)
+  for name, b in biases.items():
+    out[name] = {**out[name], "moe": {**out[name]["moe"], "router_bias": b}}
+  return out
 
 
 class Projector(nn.Module):

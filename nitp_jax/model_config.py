@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from nitp_jax import layers
-from nitp_jax.config import (ATTENTION_IMPLS, DISPATCHES, DTYPES, HIDDEN_SOURCES,
+from nitp_jax.config import (ATTENTION_IMPLS, BALANCE_LOSSES, DISPATCHES, DTYPES, HIDDEN_SOURCES,
                              NITP_LOSSES, NITP_VARIANTS, PROJECTORS, REMAT_POLICIES)
 from nitp_jax.errors import ConfigError
 
@@ -80,8 +80,10 @@ class MoEConfig:
   dispatch: str = "dropless"
   capacity_factor: float = 1.25
   num_dense_layers: int = 1     # checked against the depth by ModelConfig
-  aux_loss_weight: float = 0.01
+  aux_loss_weight: float = 0.01  # α of the balance loss
   z_loss_weight: float = 0.0
+  balance_loss: str = "batch"   # "batch" | "sequence" (DeepSeek-V3) | "none"
+  bias_update_rate: float = 0.0  # γ of auxiliary-loss-free balancing; 0 = off
 
   def __post_init__(self):
     if self.num_experts < 0:
@@ -100,6 +102,11 @@ class MoEConfig:
     if self.aux_loss_weight < 0 or self.z_loss_weight < 0:
       _fail("model.moe.aux_loss_weight", self.aux_loss_weight,
             "aux_loss_weight and z_loss_weight must be >= 0")
+    _choice("model.moe.balance_loss", self.balance_loss, BALANCE_LOSSES)
+    if (not isinstance(self.bias_update_rate, (int, float)) or isinstance(self.bias_update_rate, bool)
+        or self.bias_update_rate < 0):
+      _fail("model.moe.bias_update_rate", self.bias_update_rate,
+            "must be a number >= 0 (0 = no auxiliary-loss-free bias)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +188,8 @@ class ModelConfig:
           num_shared_experts=e.num_shared_experts, shared_expert_ffn=e.shared_expert_ffn,
           renormalize=e.renormalize, routed_scaling=e.routed_scaling, dispatch=e.dispatch,
           capacity_factor=e.capacity_factor, num_dense_layers=e.num_dense_layers,
-          aux_loss_weight=e.aux_loss_weight, z_loss_weight=e.z_loss_weight)
+          aux_loss_weight=e.aux_loss_weight, z_loss_weight=e.z_loss_weight,
+          balance_loss=e.balance_loss, bias_update_rate=e.bias_update_rate)
     return cls(vocab_size=m.vocab_size, d_model=m.d_model, num_layers=m.num_layers,
                ffn_dim=m.ffn_dim, attention=attention, moe=moe,
                tie_embeddings=m.tie_embeddings, norm_eps=m.norm_eps,

@@ -46,21 +46,53 @@ class Routing(NamedTuple):
   logits_NxE: jax.Array
 
 
-def route(logits_NxE: jax.Array, top_k: int, renormalize: bool,
-          routed_scaling: float) -> Routing:
-  """Softmax over experts, top-k, optional renormalisation and scaling."""
+def route(logits_NxE: jax.Array, top_k: int, renormalize: bool, routed_scaling: float,
+          bias_E: jax.Array | None = None) -> Routing:
+  """Softmax over experts, top-k, optional renormalisation and scaling.
+
+  `bias_E` (auxiliary-loss-free balancing, DeepSeek-V3) is added to the
+  probabilities only to choose the top-k; the combine weights stay the
+  un-biased probabilities of the chosen experts, and no gradient reaches it.
+  """
   probs_NxE = jax.nn.softmax(logits_NxE.astype(jnp.float32), axis=-1)
-  weights_NxK, experts_NxK = jax.lax.top_k(probs_NxE, top_k)
+  if bias_E is None:
+    weights_NxK, experts_NxK = jax.lax.top_k(probs_NxE, top_k)
+  else:
+    scores_NxE = probs_NxE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
+    _, experts_NxK = jax.lax.top_k(scores_NxE, top_k)
+    weights_NxK = jnp.take_along_axis(probs_NxE, experts_NxK, axis=-1)
   if renormalize:
     weights_NxK = weights_NxK / jnp.sum(weights_NxK, axis=-1, keepdims=True)
   return Routing(experts_NxK, weights_NxK * routed_scaling, probs_NxE, logits_NxE)
 
 
-def load_balance_loss(r: Routing, num_experts: int) -> jax.Array:
-  """Switch/DeepSeek balance loss E * sum_e f_e * P_e (1.0 when uniform)."""
+def expert_load(r: Routing, num_experts: int) -> jax.Array:
+  """[E] fraction of the N*K routed token copies sent to each expert (sums
+  to 1; counted before any capacity drop)."""
   counts_E = jnp.sum(jax.nn.one_hot(r.experts_NxK, num_experts, dtype=jnp.float32), axis=(0, 1))
-  fraction_E = counts_E / r.experts_NxK.size
-  return num_experts * jnp.sum(fraction_E * jnp.mean(r.probs_NxE, axis=0))
+  return counts_E / r.experts_NxK.size
+
+
+def load_balance_loss(r: Routing, num_experts: int) -> jax.Array:
+  """Batch-wise Switch/DeepSeek balance loss E * sum_e f_e * P_e over all
+  N tokens (1.0 when uniform)."""
+  return num_experts * jnp.sum(expert_load(r, num_experts) * jnp.mean(r.probs_NxE, axis=0))
+
+
+def sequence_balance_loss(r: Routing, num_experts: int, num_sequences: int) -> jax.Array:
+  """Sequence-wise balance loss (DeepSeek-V3, Eq. 17-20), averaged over the
+  B sequences: per sequence of T tokens, f_i = E/(K*T) * (tokens choosing i),
+  P_i = mean over its tokens of the normalised affinity (the softmax
+  probabilities, which already sum to 1); loss = sum_i f_i * P_i (1.0 when
+  uniform). Rows of the batch are the sequences; padding counts as tokens,
+  as in the batch-wise loss."""
+  n, k = r.experts_NxK.shape
+  t = n // num_sequences
+  experts_BxTK = r.experts_NxK.reshape(num_sequences, t * k)
+  counts_BxE = jnp.sum(jax.nn.one_hot(experts_BxTK, num_experts, dtype=jnp.float32), axis=1)
+  f_BxE = counts_BxE * (num_experts / (k * t))
+  p_BxE = jnp.mean(r.probs_NxE.reshape(num_sequences, t, num_experts), axis=1)
+  return jnp.mean(jnp.sum(f_BxE * p_BxE, axis=-1))
 
 
 def router_z_loss(r: Routing) -> jax.Array:
@@ -299,7 +331,10 @@ class MoE(nn.Module):
     x = x_BxTxD.astype(self.dtype)
     x_NxD = x.reshape(b * t, d)
     logits_NxE = jnp.einsum("nd,de->ne", x_NxD.astype(jnp.float32), router_DxE.astype(jnp.float32))
-    r = route(logits_NxE, c.top_k, c.renormalize, c.routed_scaling)
+    bias_E = None
+    if c.bias_update_rate > 0:  # auxiliary-loss-free balancing: see step.router_bias_update
+      bias_E = param(self, "router_bias", (e,), (None,), 0.0, jnp.float32)
+    r = route(logits_NxE, c.top_k, c.renormalize, c.routed_scaling, bias_E)
     if c.dispatch == "dropless" and expert_shards() > 1:
       y, dropped = dispatch_dropless_sharded(x_NxD, r, w, e)
     elif c.dispatch == "dropless":
@@ -320,6 +355,10 @@ class MoE(nn.Module):
     if c.num_shared_experts:
       y_BxTxD += SwiGLU(c.num_shared_experts * c.shared_expert_ffn, self.std,
                         self.dtype, self.param_dtype, name="shared")(x)
-    aux = {"load_balance": load_balance_loss(r, e), "router_z": router_z_loss(r),
-           "dropped_fraction": dropped}
+    if c.balance_loss == "sequence":
+      balance = sequence_balance_loss(r, e, b)
+    else:  # "batch"; with "none" it is still reported, at weight 0
+      balance = load_balance_loss(r, e)
+    aux = {"load_balance": balance, "router_z": router_z_loss(r),
+           "dropped_fraction": dropped, "load_E": expert_load(r, e)}
     return y_BxTxD, aux

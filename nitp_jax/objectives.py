@@ -145,13 +145,17 @@ LossFn = Callable[[dict, dict, jax.Array], tuple[jax.Array, dict]]
 def make_loss_fn(cfg: ml_collections.ConfigDict) -> LossFn:
   """loss_fn(params, batch, step) -> (total, metrics); pure, jit-able.
 
-  total = ntp + λ·(nitp or cosine regulariser) + MoE aux losses.
+  total = ntp + λ·(nitp or cosine regulariser) + MoE aux losses. For a MoE
+  model, metrics[model.LOAD_KEY] is the [L_moe, E] expert load (not a scalar:
+  the train step turns it into a bias update and per-layer scalars).
   """
   m, n = model_config.from_config(cfg)
   model, projector = model_lib.build_modules(m, n)
   chunk = m.ce_chunk
   # A dense model has no router: its aux metrics are zeros, weighted by 0.
   aux_weight, z_weight = (m.moe.aux_loss_weight, m.moe.z_loss_weight) if m.moe else (0.0, 0.0)
+  if m.moe and m.moe.balance_loss == "none":
+    aux_weight = 0.0  # the balance loss is still computed and logged
 
   def loss_fn(params: dict, batch: dict, step: jax.Array):
     tokens, seg = batch["tokens"], batch["segment_ids"]

@@ -12,6 +12,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from nitp_jax import config as config_lib
 from nitp_jax import geometry
 from nitp_jax import model as model_lib
 from nitp_jax import objectives
@@ -56,12 +57,40 @@ def _split_microbatches(batch: dict, n: int) -> dict:
           for k, v in batch.items()}
 
 
+def router_bias_update(backbone: dict, load_LxE: jax.Array, rate: float
+                       ) -> dict[str, jax.Array]:
+  """Auxiliary-loss-free balancing (DeepSeek-V3), outside the gradient:
+  b_i + rate · sign(mean load - load_i) per MoE layer, from the expert loads
+  [L_moe, E] of this step (MoE layers bottom first). Returns the new biases
+  by segment/layer name (`model.with_router_biases` puts them back); {}
+  when `backbone` has no router biases."""
+  delta_LxE = rate * jnp.sign(jnp.mean(load_LxE, axis=-1, keepdims=True) - load_LxE)
+  new, row = {}, 0
+  for name, bias in model_lib.router_biases(backbone):
+    n = bias.shape[0] if bias.ndim == 2 else 1
+    d = delta_LxE[row:row + n]
+    new[name] = bias + (d if bias.ndim == 2 else d[0]).astype(bias.dtype)
+    row += n
+  return new
+
+
+def load_metrics(load_LxE: jax.Array, first_moe_layer: int) -> dict[str, jax.Array]:
+  """Max-load / mean-load per MoE layer (`moe_load_max_over_mean_l<layer>`,
+  1 = balanced, E = all copies on one expert) and the max over layers."""
+  ratio_L = jnp.max(load_LxE, axis=-1) / jnp.mean(load_LxE, axis=-1)
+  out = {f"moe_load_max_over_mean_l{first_moe_layer + i}": ratio_L[i]
+         for i in range(load_LxE.shape[0])}
+  return out | {"moe_load_max_over_mean": jnp.max(ratio_L)}
+
+
 def make_train_step(cfg: ml_collections.ConfigDict, optimizer: optax.GradientTransformation
                     ) -> Callable[[State, dict], tuple[State, dict]]:
   loss_fn = objectives.make_loss_fn(cfg)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   schedule = optim.wsd_schedule(cfg.train)
   n_micro = cfg.train.microbatches
+  moe_cfg = cfg.model.moe
+  bias_rate = moe_cfg.bias_update_rate if config_lib.is_moe(cfg) else 0.0
 
   def train_step(state: State, batch: dict) -> tuple[State, dict]:
     params, step = state["params"], state["step"]
@@ -76,9 +105,18 @@ def make_train_step(cfg: ml_collections.ConfigDict, optimizer: optax.GradientTra
       init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g0, m0))
       (grads, metrics), _ = jax.lax.scan(accumulate, init, micro)
       grads, metrics = jax.tree.map(lambda x: x / n_micro, (grads, metrics))
+    load_LxE = metrics.pop(model_lib.LOAD_KEY, None)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
+    if load_LxE is not None:
+      metrics |= load_metrics(load_LxE, moe_cfg.num_dense_layers)
+      if bias_rate > 0:
+        # The router biases get no gradient (the optimizer's update of them
+        # is 0 and is discarded): they follow the balancing rule instead.
+        new_params = {**new_params, "backbone": model_lib.with_router_biases(
+            new_params["backbone"],
+            router_bias_update(params["backbone"], load_LxE, bias_rate))}
     # A non-finite loss or gradient skips the update: params and optimizer
     # state (moments, schedule count) stay as they were; the data moves on.
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)

@@ -87,6 +87,8 @@ BAD = [
     ("train.seq_len", 512, "must be <= model.max_seq_len=256"),
     ("train.schedule", "cosine", "must be one of wsd, wsd_exp"),
     ("nitp.weight", -1.0, "must be >= 0"),
+    ("model.moe.balance_loss", "token", "must be one of batch, sequence, none"),
+    ("model.moe.bias_update_rate", -1e-3, "must be a number >= 0"),
 ]
 
 

@@ -182,6 +182,10 @@ def test_unexportable_moe_settings_are_errors():
   cfg.model.moe.routed_scaling, cfg.model.moe.num_shared_experts = 1.0, 0
   with pytest.raises(ValueError, match="num_shared_experts"):
     hf.hf_config(cfg)
+  cfg.model.moe.num_shared_experts, cfg.model.moe.bias_update_rate = 1, 1e-3
+  with pytest.raises(hf.ExportError, match=r"^config.model.moe.bias_update_rate=0.001 cannot be "
+                     r"exported: .*router bias"):
+    hf.hf_config(cfg)
 
 
 @pytest.mark.parametrize("change, message", [

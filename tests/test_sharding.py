@@ -157,7 +157,7 @@ def eight_devices() -> dict:
 
 
 @pytest.mark.parametrize("case", ["dense", "moe_dropless", "moe_gather", "moe_capacity",
-                                  "moe_ragged"])
+                                  "moe_ragged", "moe_bias"])
 def test_sharded_step_matches_single_device(eight_devices, case):
   r = eight_devices[case]
   assert r["devices"] == 8, r
@@ -338,6 +338,9 @@ def main() -> None:
     assert cfg.model.moe.dispatch == "dropless"  # the default
     cfg.model.moe.dispatch = dispatch
     results[f"moe_{dispatch}"], reference = _compare(cfg, layout, reference)
+  bias = _moe_config()  # aux-free router bias: replicated, updated from global loads
+  bias.model.moe.bias_update_rate = 1e-2
+  results["moe_bias"], _ = _compare(bias, layout)
   small = small_config()
   small.train.global_batch = 6
   results["errors"] = {

@@ -59,6 +59,29 @@ def test_resume_continues_exactly(prepared_dir, tmp_path):
   assert max_abs_diff(pa, pb) == 0.0
 
 
+def test_resume_with_router_bias_continues_exactly(prepared_dir, tmp_path):
+  """The aux-free router bias is train state: checkpointed, restored, and
+  the loads and losses of a resumed run are those of an uninterrupted one."""
+  cfg = train_config(prepared_dir, moe=True, steps=12, checkpoint_every=6, eval_every=100)
+  cfg.model.moe.balance_loss, cfg.model.moe.bias_update_rate = "none", 1e-2
+  whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+  train.run(cfg, whole)
+  train.run(cfg, parts, stop_after=6)
+  train.run(cfg, parts)
+  a, b = read_metrics(whole), read_metrics(parts)
+  for key in ("loss", "ntp", "moe_load_max_over_mean_l1", "moe_load_max_over_mean"):
+    assert [r[key] for r in a] == [r[key] for r in b], key
+  _, pa = ckpt_lib.restore_params(whole)
+  _, pb = ckpt_lib.restore_params(parts)
+  assert max_abs_diff(pa, pb) == 0.0
+  bias = pa["backbone"]["layers_1_2"]["moe"]["router_bias"]
+  assert bias.shape == (1, 4) and np.any(bias != 0)
+  other = train_config(prepared_dir, moe=True, steps=14)
+  other.model.moe.balance_loss = "none"
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"model.moe.bias_update_rate: 0.01 -> 0.0"):
+    train.run(other, parts)
+
+
 def test_resume_refuses_a_different_model(prepared_dir, tmp_path):
   train.run(train_config(prepared_dir, steps=2, eval_every=100), str(tmp_path))
   other = train_config(prepared_dir, steps=4)

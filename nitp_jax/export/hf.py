@@ -67,6 +67,10 @@ def check_exportable(cfg: ml_collections.ConfigDict) -> None:
   if e.routed_scaling != 1.0:
     raise ExportError(f"config.model.moe.routed_scaling={e.routed_scaling} cannot be "
                      "exported: Qwen2MoeForCausalLM has no routed scaling; only 1.0 is exportable.")
+  if e.get("bias_update_rate", 0.0) > 0:
+    raise ExportError(f"config.model.moe.bias_update_rate={e.bias_update_rate} cannot be "
+                     "exported: Qwen2MoeForCausalLM has no router bias for the top-k choice; "
+                     "only checkpoints trained with bias_update_rate=0 are exportable.")
   if e.num_shared_experts < 1:
     raise ExportError("config.model.moe.num_shared_experts=0 cannot be exported: "
                      "Qwen2MoeForCausalLM always has a shared expert; train with >= 1.")
