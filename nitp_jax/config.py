@@ -21,8 +21,6 @@ DISPATCHES = ("dropless", "ragged", "dense", "gather", "capacity")
 # capacity slots over the whole sequence, so later tokens change earlier ones.
 CAUSAL_DISPATCHES = ("dropless", "ragged", "dense")
 BALANCE_LOSSES = ("batch", "sequence", "none")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-DTYPES = ("float32", "bfloat16", "float16")
 NITP_LOSSES = ("cosine", "mse", "smooth_l1", "kl")
 NITP_VARIANTS = ("nitp", "cosine_regularizer")
 PROJECTORS = ("swiglu", "none")

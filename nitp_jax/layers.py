@@ -10,6 +10,13 @@ import jax
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# model.remat_policy -> what jax.checkpoint saves ("none": no remat at all).
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
 
 
 def dtype(name: str) -> jnp.dtype:

@@ -19,17 +19,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from nitp_jax import layers
 from nitp_jax import model_config
 from nitp_jax.attention import Attention
 from nitp_jax.layers import RMSNorm, SwiGLU, flat_matmul, param
 from nitp_jax.model_config import ModelConfig, NITPConfig
 from nitp_jax.moe import MoE
 
-REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 AUX_KEYS = ("load_balance", "router_z", "dropped_fraction")  # scalars, mean over MoE layers
 LOAD_KEY = "moe_load_LxE"     # per MoE layer (bottom first): fraction of copies per expert
 
@@ -65,7 +61,7 @@ def segments(num_layers: int, num_dense: int, target_layer: int) -> list[tuple[i
 def _remat(block_cls, policy: str, scanned: bool):
   if policy == "none":
     return block_cls
-  return nn.remat(block_cls, policy=REMAT_POLICIES[policy], prevent_cse=not scanned)
+  return nn.remat(block_cls, policy=layers.REMAT_POLICIES[policy], prevent_cse=not scanned)
 
 
 class Transformer(nn.Module):

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from nitp_jax import layers
-from nitp_jax.config import (ATTENTION_IMPLS, BALANCE_LOSSES, DISPATCHES, DTYPES, HIDDEN_SOURCES,
-                             NITP_LOSSES, NITP_VARIANTS, PROJECTORS, REMAT_POLICIES)
+from nitp_jax.config import (ATTENTION_IMPLS, BALANCE_LOSSES, DISPATCHES, HIDDEN_SOURCES,
+                             NITP_LOSSES, NITP_VARIANTS, PROJECTORS)
 from nitp_jax.errors import ConfigError
 
 
@@ -142,9 +142,9 @@ class ModelConfig:
       self._check_cudnn()
     if not isinstance(self.ce_chunk, int) or self.ce_chunk < 0:
       _fail("model.ce_chunk", self.ce_chunk, "must be an int >= 0 (0 = full logits)")
-    _choice("model.remat_policy", self.remat_policy, REMAT_POLICIES)
-    _choice("model.compute_dtype", self.compute_dtype, DTYPES)
-    _choice("model.param_dtype", self.param_dtype, DTYPES)
+    _choice("model.remat_policy", self.remat_policy, layers.REMAT_POLICIES)
+    _choice("model.compute_dtype", self.compute_dtype, layers.DTYPES)
+    _choice("model.param_dtype", self.param_dtype, layers.DTYPES)
     if self.moe is not None and not 0 <= self.moe.num_dense_layers < self.num_layers:
       _fail("model.moe.num_dense_layers", self.moe.num_dense_layers,
             f"must be in [0, model.num_layers={self.num_layers}) so at least "
