@@ -26,7 +26,7 @@ memory comparisons; training refuses them (`config.check_trainable`).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -223,46 +223,56 @@ def expert_shards() -> int:
   return math.prod(dict(mesh.shape).get(a, 1) for a in expert_axes)
 
 
-def dispatch_ragged_sharded(x_NxD, r: Routing, w, num_experts: int):
-  """`dispatch_ragged` with the experts split over the mesh axes of the
-  logical "expert" axis (and their hidden dim over those of "mlp"), all-gather
-  based, under shard_map; sharding.py's rules name the mesh axes.
-
-  Each expert shard gathers the token copies of its expert-axis peers, runs
-  its own experts on the copies routed to them (the rest sort last and stay
-  out of every group), and a reduce-scatter sums the outputs back to the
-  shards that own the tokens.
-  """
+def _expert_parallel(local_experts: Callable, x_NxD, r: Routing, w) -> jax.Array:
+  """Routed experts split over the mesh axes of the logical "expert" axis
+  (their hidden dim over those of "mlp"; sharding.py's rules name the mesh
+  axes), all-gather based, under shard_map. Each expert shard gathers the
+  tokens and routing of its expert-axis peers, runs
+  `local_experts(x_MxD, local_MxK, weights_MxK, gate, up, down) -> y_MxD` on
+  them (local_MxK: this shard's expert ids, num_local for copies routed
+  elsewhere), sums the partial outputs over the "mlp" axes and
+  reduce-scatters them back to the shards that own the tokens."""
   mesh = jax.sharding.get_abstract_mesh()
   tokens = sharding.logical_to_mesh("activation_batch", None)
   w_in = sharding.logical_to_mesh("expert", None, "mlp")   # gate, up [X, D, F]
   w_out = sharding.logical_to_mesh("expert", "mlp", None)  # down [X, F, D]
   expert, tensor = w_in[0], w_in[2]
-  in_specs = (tokens, tokens, tokens, w_in, w_in, w_out)
 
   def local(x_nxD, experts_nxK, weights_nxK, gate_XxDxF, up_XxDxF, down_XxFxD):
     num_local = gate_XxDxF.shape[0]
     x_MxD, experts_MxK, weights_MxK = (
         jax.lax.all_gather(a, expert, tiled=True) for a in (x_nxD, experts_nxK, weights_nxK))
-    m, k = experts_MxK.shape
     local_MxK = experts_MxK - jax.lax.axis_index(expert) * num_local
-    mine_MxK = (local_MxK >= 0) & (local_MxK < num_local)
-    flat_C = jnp.where(mine_MxK, local_MxK, num_local).reshape(-1)  # C = M*K copies
-    order_C = jnp.argsort(flat_C, stable=True)
-    group_sizes_X = jnp.bincount(flat_C, length=num_local + 1)[:num_local].astype(jnp.int32)
-    xs_CxD = x_MxD[order_C // k]
-    g_CxF = jax.lax.ragged_dot(xs_CxD, gate_XxDxF, group_sizes_X)
-    u_CxF = jax.lax.ragged_dot(xs_CxD, up_XxDxF, group_sizes_X)
-    ys_CxD = jax.lax.ragged_dot(nn.silu(g_CxF) * u_CxF, down_XxFxD, group_sizes_X)
-    y_MxKxD = jnp.zeros_like(ys_CxD).at[order_C].set(ys_CxD).reshape(m, k, -1)
-    y_MxKxD = jnp.where(mine_MxK[..., None], y_MxKxD, 0)  # rows past the groups: not ours
-    y_MxD = jnp.einsum("mkd,mk->md", y_MxKxD, weights_MxK.astype(y_MxKxD.dtype))
+    local_MxK = jnp.where((local_MxK >= 0) & (local_MxK < num_local), local_MxK, num_local)
+    y_MxD = local_experts(x_MxD, local_MxK, weights_MxK, gate_XxDxF, up_XxDxF, down_XxFxD)
     y_MxD = jax.lax.psum(y_MxD, tensor)
     return jax.lax.psum_scatter(y_MxD, expert, scatter_dimension=0, tiled=True)
 
-  y_NxD = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=tokens)(
-      x_NxD, r.experts_NxK, r.weights_NxK, *w)
-  return y_NxD, jnp.float32(0.0)
+  return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, w_in, w_in, w_out),
+                       out_specs=tokens)(x_NxD, r.experts_NxK, r.weights_NxK, *w)
+
+
+def _ragged_local(x_MxD, local_MxK, weights_MxK, gate_XxDxF, up_XxDxF, down_XxFxD):
+  """`dispatch_ragged` on one expert shard: copies of other shards (id
+  num_local) sort last and stay out of every group."""
+  num_local = gate_XxDxF.shape[0]
+  m, k = local_MxK.shape
+  flat_C = local_MxK.reshape(-1)  # C = M*K copies
+  order_C = jnp.argsort(flat_C, stable=True)
+  group_sizes_X = jnp.bincount(flat_C, length=num_local + 1)[:num_local].astype(jnp.int32)
+  xs_CxD = x_MxD[order_C // k]
+  g_CxF = jax.lax.ragged_dot(xs_CxD, gate_XxDxF, group_sizes_X)
+  u_CxF = jax.lax.ragged_dot(xs_CxD, up_XxDxF, group_sizes_X)
+  ys_CxD = jax.lax.ragged_dot(nn.silu(g_CxF) * u_CxF, down_XxFxD, group_sizes_X)
+  y_MxKxD = jnp.zeros_like(ys_CxD).at[order_C].set(ys_CxD).reshape(m, k, -1)
+  y_MxKxD = jnp.where((local_MxK < num_local)[..., None], y_MxKxD, 0)  # past the groups
+  return jnp.einsum("mkd,mk->md", y_MxKxD, weights_MxK.astype(y_MxKxD.dtype))
+
+
+def dispatch_ragged_sharded(x_NxD, r: Routing, w, num_experts: int):
+  """`dispatch_ragged` with the experts split over the mesh (`_expert_parallel`)."""
+  del num_experts
+  return _expert_parallel(_ragged_local, x_NxD, r, w), jnp.float32(0.0)
 
 
 def dispatch_dropless(x_NxD, r: Routing, w, num_experts: int):
@@ -274,40 +284,21 @@ def dispatch_dropless(x_NxD, r: Routing, w, num_experts: int):
 
 
 def dispatch_dropless_sharded(x_NxD, r: Routing, w, num_experts: int):
-  """`dispatch_dropless` with the experts split over the mesh axes of the
-  logical "expert" axis (and their hidden dim over those of "mlp"), under
-  shard_map like `dispatch_ragged_sharded`: each expert shard all-gathers
-  its peers' tokens and routing, runs `grouped.dropless` on the copies
-  routed to its own experts (the others sort last and are never computed),
-  sums the partial outputs over the "mlp" axes and reduce-scatters them back
-  to the shards that own the tokens. Nothing is dropped: the copy buffer is
-  sized for every gathered copy landing on one shard.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  tokens = sharding.logical_to_mesh("activation_batch", None)
-  w_in = sharding.logical_to_mesh("expert", None, "mlp")   # gate, up [X, D, F]
-  w_out = sharding.logical_to_mesh("expert", "mlp", None)  # down [X, F, D]
-  expert, tensor = w_in[0], w_in[2]
-  in_specs = (tokens, tokens, tokens, w_in, w_in, w_out)
+  """`dispatch_dropless` with the experts split over the mesh
+  (`_expert_parallel`): each shard runs `grouped.dropless` on the copies
+  routed to its own experts (the others sort last and are never computed).
+  Nothing is dropped: the copy buffer is sized for every gathered copy
+  landing on one shard."""
 
-  def local(x_nxD, experts_nxK, weights_nxK, gate_XxDxF, up_XxDxF, down_XxFxD):
+  def local(x_MxD, local_MxK, weights_MxK, gate_XxDxF, up_XxDxF, down_XxFxD):
     num_local, d, f = gate_XxDxF.shape
-    x_MxD, experts_MxK, weights_MxK = (
-        jax.lax.all_gather(a, expert, tiled=True) for a in (x_nxD, experts_nxK, weights_nxK))
-    m, k = experts_MxK.shape
-    local_MxK = experts_MxK - jax.lax.axis_index(expert) * num_local
-    mine_MxK = (local_MxK >= 0) & (local_MxK < num_local)
-    local_MxK = jnp.where(mine_MxK, local_MxK, num_local)  # elsewhere: sorted last, skipped
+    m, k = local_MxK.shape
     # Block size from the mean group (m*k/E copies per expert), not all m*k copies.
     block = grouped.default_block(m * k * num_local // num_experts, num_local, d * f)
-    y_MxD = grouped.dropless(x_MxD, local_MxK, weights_MxK, gate_XxDxF, up_XxDxF,
-                             down_XxFxD, block=block)
-    y_MxD = jax.lax.psum(y_MxD, tensor)
-    return jax.lax.psum_scatter(y_MxD, expert, scatter_dimension=0, tiled=True)
+    return grouped.dropless(x_MxD, local_MxK, weights_MxK, gate_XxDxF, up_XxDxF, down_XxFxD,
+                            block=block)
 
-  y_NxD = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=tokens)(
-      x_NxD, r.experts_NxK, r.weights_NxK, *w)
-  return y_NxD, jnp.float32(0.0)
+  return _expert_parallel(local, x_NxD, r, w), jnp.float32(0.0)
 
 
 class MoE(nn.Module):
