@@ -182,20 +182,3 @@ def dropless(x_NxD: jax.Array, experts_NxK: jax.Array, weights_NxK: jax.Array,
   y_NxKxD = ys_RxD.at[lay.row_M].get(mode="fill", fill_value=0).reshape(n, k, d)
   return jnp.einsum("nkd,nk->nd", y_NxKxD, weights_NxK.astype(y_NxKxD.dtype))
 
-
-def dropless_batched(x_NxD: jax.Array, experts_NxK: jax.Array, weights_NxK: jax.Array,
-                     gate_ExDxF: jax.Array, up_ExDxF: jax.Array, down_ExFxD: jax.Array, *,
-                     block: int | None = None) -> jax.Array:
-  """`dropless` as one batched matmul over all blocks with per-block gathered
-  weights (plain autodiff). Temporaries O(blocks·D·F): for comparison only."""
-  n, d = x_NxD.shape
-  k = experts_NxK.shape[-1]
-  e = gate_ExDxF.shape[0]
-  block = block or default_block(n * k, e, d * gate_ExDxF.shape[-1])
-  lay = layout(experts_NxK, e, block)
-  xs_BxbxD = x_NxD.at[lay.copy_R // k].get(mode="fill", fill_value=0).reshape(-1, block, d)
-  g = jnp.einsum("btd,bdf->btf", xs_BxbxD, gate_ExDxF[lay.expert_B])
-  u = jnp.einsum("btd,bdf->btf", xs_BxbxD, up_ExDxF[lay.expert_B])
-  ys_BxbxD = jnp.einsum("btf,bfd->btd", jax.nn.silu(g) * u, down_ExFxD[lay.expert_B])
-  y_NxKxD = ys_BxbxD.reshape(-1, d)[lay.row_M].reshape(n, k, d)
-  return jnp.einsum("nkd,nk->nd", y_NxKxD, weights_NxK.astype(y_NxKxD.dtype))
