@@ -97,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.val_fraction = 0.02
   d.seed = 0
   d.worker_count = 0            # grain worker processes; 0 = in-process
+  d.shuffle_window = 1024       # pieces (seq_len-token chunks of documents)
+                                # shuffled together, so one batch mixes many
+                                # documents; 0 = keep document order
   d.prepare_workers = 2
 
   c.train = t = ml_collections.ConfigDict()
@@ -225,6 +228,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("data.val_fraction", cfg.data.val_fraction, "must be in [0, 1)")
   if cfg.data.worker_count < 0:
     _fail("data.worker_count", cfg.data.worker_count, "must be >= 0")
+  if cfg.data.shuffle_window < 0:
+    _fail("data.shuffle_window", cfg.data.shuffle_window, "must be >= 0 (0 = no shuffle)")
   for axis in ("data", "fsdp", "tensor", "expert"):
     v = cfg.mesh[axis]
     if isinstance(v, bool) or not isinstance(v, int) or (v != -1 and v < 1):

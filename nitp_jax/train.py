@@ -98,7 +98,8 @@ class Trainer:
   def _train_iterator(self, seed: int):
     t = self.cfg.train
     return pipeline.make_train_iterator(self.data_dir, t.seq_len, t.global_batch, seed=seed,
-                                        worker_count=self.cfg.data.worker_count)
+                                        worker_count=self.cfg.data.worker_count,
+                                        shuffle_window=self.cfg.data.shuffle_window)
 
   def initial_state(self) -> step_lib.State:
     restored = self.checkpointer.restore_latest(self.steps.abstract_state, self.train_iter,

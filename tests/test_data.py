@@ -381,3 +381,40 @@ def test_grain_worker_processes_are_deterministic_and_resumable(prepared):
   epoch = _epoch(out, worker_count=2)
   assert collections.Counter(_batch_pieces(epoch)) == collections.Counter(
       _batch_pieces(_epoch(out)))
+
+
+def _documents_per_batch(batches, docs) -> list[int]:
+  """How many distinct documents each batch's pieces come from."""
+  owner = {piece: i for i, doc in enumerate(docs) for piece in _pieces(doc.tolist())}
+  out = []
+  for b in batches:
+    pieces = _batch_pieces([b])
+    out.append(len({owner[p] for p in pieces}))
+  return out
+
+
+def test_piece_shuffle_mixes_documents_and_keeps_every_piece(prepared):
+  out = prepared[0]
+  docs = list(pipeline.local_documents(out, 0, 0, 1, num_epochs=1))
+  ordered = _epoch(out, batch=4)
+  shuffled = _epoch(out, batch=4, shuffle_window=64)
+  # The same pieces, each once per epoch, packed into other batches.
+  assert collections.Counter(_batch_pieces(shuffled)) == collections.Counter(
+      _batch_pieces(ordered))
+  assert not _same(shuffled, ordered)
+  before = np.mean(_documents_per_batch(ordered, docs))
+  after = np.mean(_documents_per_batch(shuffled, docs))
+  assert after > 1.5 * before, (before, after)
+
+
+def test_piece_shuffle_resumes_exactly_mid_window(prepared):
+  out = prepared[0]
+  make = lambda: pipeline.make_train_iterator(out, SEQ, 4, 0, 0, 1, shuffle_window=16)
+  for skip in (1, 5, 9):
+    it = make()
+    _take(it, skip)
+    state = json.loads(json.dumps(it.get_state()))
+    after = _take(it, 8)
+    fresh = make()
+    fresh.set_state(state)
+    assert _same(_take(fresh, 8), after), skip

@@ -183,7 +183,8 @@ def one_process_reference(config_path: str, workdir: str) -> None:
   trainer = train.Trainer(cfg, workdir)
   t = cfg.train
   halves = [pipeline.make_train_dataset(trainer.data_dir, t.seq_len, t.global_batch,
-                                        seed=cfg.data.seed, process_index=p, process_count=2)
+                                        seed=cfg.data.seed, process_index=p, process_count=2,
+                                        shuffle_window=cfg.data.shuffle_window)
             for p in range(2)]
   trainer.train_iter = iter(grain.experimental.ZipIterDataset(halves).map(
       lambda pair: {k: np.concatenate([pair[0][k], pair[1][k]]) for k in pair[0]}))

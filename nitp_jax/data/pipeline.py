@@ -12,8 +12,11 @@ longer than T is cut into T-token pieces, each its own segment.
 Order (deterministic for a seed and a worker count): every epoch all training
 documents are shuffled globally with a seed derived from (seed, epoch); process
 p of P takes every P-th document of that order, so per epoch the processes
-partition the corpus. Documents are first-fit packed into B_local rows at a
-time and batched; epochs repeat forever.
+partition the corpus. Documents are cut into pieces, and the pieces are
+shuffled within windows of `shuffle_window` consecutive pieces (0 = off), so
+the consecutive pieces of one long document spread over many batches instead
+of filling one. Pieces are first-fit packed into B_local rows at a time and
+batched; epochs repeat forever.
 
 Checkpointing: the iterator is a `grain.DatasetIterator`; `get_state()` is a
 JSON-able dict and `set_state(state)` resumes exactly. With Orbax, put it in
@@ -102,10 +105,15 @@ def _documents(prepared_dir: str, split: str) -> grain.MapDataset:
   return grain.MapDataset.source(source).map(_decode)
 
 
-def _pack_and_batch(docs: grain.IterDataset, seq_len: int, batch: int
-                    ) -> grain.IterDataset:
-  """Split long documents, first-fit pack into rows, batch `batch` rows."""
+def _pack_and_batch(docs: grain.IterDataset, seq_len: int, batch: int,
+                    shuffle_window: int = 0, seed: int = 0) -> grain.IterDataset:
+  """Split long documents, shuffle the pieces within windows of
+  `shuffle_window` (0 = keep their order), first-fit pack into rows, batch
+  `batch` rows."""
   pieces = grain_exp.FlatMapIterDataset(docs, _SplitDocument(seq_len))
+  if shuffle_window > 1:
+    pieces = grain_exp.WindowShuffleIterDataset(pieces, window_size=shuffle_window,
+                                                seed=seed)
   rows = grain_exp.FirstFitPackIterDataset(
       pieces, length_struct={"tokens": seq_len}, num_packing_bins=batch,
       shuffle_bins=False)
@@ -133,7 +141,8 @@ def _check_positive(**values: int) -> None:
 def make_train_dataset(prepared_dir: str, seq_len: int, global_batch: int,
                        seed: int, process_index: int | None = None,
                        process_count: int | None = None, worker_count: int = 0,
-                       num_epochs: int | None = None) -> grain.IterDataset:
+                       num_epochs: int | None = None, shuffle_window: int = 0
+                       ) -> grain.IterDataset:
   """The training IterDataset of this process: batches [global/P, seq_len].
 
   Args:
@@ -145,6 +154,7 @@ def make_train_dataset(prepared_dir: str, seq_len: int, global_batch: int,
       of batches depends on it.
     num_epochs: None repeats forever; a number ends the data (the last batch
       is padded to full size), for tests and evaluation.
+    shuffle_window: pieces shuffled together (0 = in document order).
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -162,16 +172,24 @@ def make_train_dataset(prepared_dir: str, seq_len: int, global_batch: int,
     raise DataError(f"seed={seed} is invalid: must be in [0, 2**32)")
   if worker_count < 0:
     raise DataError(f"worker_count={worker_count} is invalid: must be >= 0")
+  if shuffle_window < 0:
+    raise DataError(f"shuffle_window={shuffle_window} is invalid: must be >= 0")
   local = local_documents(prepared_dir, seed, process_index, process_count,
                           num_epochs)
   batched = _pack_and_batch(
       local.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS)),
-      seq_len, global_batch // process_count)
+      seq_len, global_batch // process_count, shuffle_window,
+      _window_seed(seed, process_index))
   if worker_count:
     _ensure_flags_parsed()
     batched = batched.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=worker_count))
   return batched
+
+
+def _window_seed(seed: int, process_index: int) -> int:
+  """The piece-shuffle seed of a process: independent of the document order's."""
+  return int(np.random.SeedSequence([seed, process_index, 1]).generate_state(1)[0])
 
 
 def _ensure_flags_parsed() -> None:
@@ -203,11 +221,12 @@ def make_train_iterator(prepared_dir: str, seq_len: int, global_batch: int,
                         seed: int, process_index: int | None = None,
                         process_count: int | None = None,
                         worker_count: int = 0,
-                        num_epochs: int | None = None) -> grain.DatasetIterator:
+                        num_epochs: int | None = None,
+                        shuffle_window: int = 0) -> grain.DatasetIterator:
   """`iter(make_train_dataset(...))`: checkpointable with get/set_state."""
   return iter(make_train_dataset(prepared_dir, seq_len, global_batch, seed,
                                  process_index, process_count, worker_count,
-                                 num_epochs))
+                                 num_epochs, shuffle_window))
 
 
 def make_eval_batches(prepared_dir: str, seq_len: int, batch: int,
