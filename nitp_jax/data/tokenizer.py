@@ -1,7 +1,9 @@
-"""SentencePiece tokenizer: lossless training, loading, vocab checks.
+"""Tokenizers: a SentencePiece `.model` (trained here, losslessly) or a
+HuggingFace `tokenizer.json` (nitp_jax.data.hf_tokenizer), loaded by file
+name; vocab checks.
 
-The settings make `decode(encode(text)) == text` for any Unicode text:
-identity normalisation, whitespace kept as is, byte fallback for unseen
+The training settings make `decode(encode(text)) == text` for any Unicode
+text: identity normalisation, whitespace kept as is, byte fallback for unseen
 characters, and "\\n" / "\\t" as single pieces. Ids: 0 pad, 1 unk, 2 bos, 3 eos.
 """
 
@@ -15,6 +17,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from nitp_jax.data.hf_tokenizer import HFTokenizer
 from nitp_jax.errors import DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -22,8 +25,11 @@ MODEL_TYPES = ("bpe", "unigram")
 MAX_LINE_BYTES = 16384          # longer training lines are ignored by SP
 
 
-class Tokenizer:
+class SentencePieceTokenizer:
   """A loaded SentencePiece model with the few calls the project needs."""
+
+  kind = "sentencepiece"
+  file_name = "tokenizer.model"
 
   def __init__(self, path: str):
     self.path = path
@@ -56,13 +62,24 @@ class Tokenizer:
     return self._sp.decode([int(i) for i in ids])
 
 
+Tokenizer = SentencePieceTokenizer | HFTokenizer
+
+
+def is_hf_json(path: str) -> bool:
+  return path.endswith(".json")
+
+
 def load_tokenizer(path: str) -> Tokenizer:
-  """Load a .model file; DataError if missing or not a SentencePiece model."""
+  """Load a SentencePiece .model, or a HuggingFace tokenizer.json (by its
+  name); DataError if missing or not that kind of file."""
   if not os.path.isfile(path):
     raise DataError(f"tokenizer {path!r} does not exist. Pass an existing "
-                    "SentencePiece .model file, or none to train one.")
+                    "SentencePiece .model or HuggingFace tokenizer.json file, or none "
+                    "to train one.")
+  if is_hf_json(path):
+    return HFTokenizer(path)
   try:
-    return Tokenizer(path)
+    return SentencePieceTokenizer(path)
   except (RuntimeError, OSError) as e:
     raise DataError(f"tokenizer {path!r} is not a SentencePiece model "
                     f"({e}).") from None
