@@ -11,6 +11,8 @@ Kernels (`model.attention_impl`), all through `jax.nn.dot_product_attention`:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -67,6 +69,28 @@ def attend(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
       implementation=impl)
 
 
+class KVCache(NamedTuple):
+  """One layer's keys and values for incremental decoding: S slots per row."""
+  k_BxSxKxH: jax.Array
+  v_BxSxKxH: jax.Array
+
+
+class CacheView(NamedTuple):
+  """Where the new tokens go in every layer's cache, and whom they may see:
+  the T new tokens fill slots [offset, offset + T); `mask_Bx1xTxS` is query t
+  sees slot s (s <= offset + t and slot s holds a real token of the row)."""
+  offset: jax.Array
+  mask_Bx1xTxS: jax.Array
+
+
+def cached_mask(valid_BxS: jax.Array, offset: jax.Array, t: int) -> jax.Array:
+  """CacheView.mask_Bx1xTxS for T new tokens at `offset`, given which slots
+  hold real tokens (the new ones included)."""
+  s = valid_BxS.shape[1]
+  causal_TxS = jnp.arange(s)[None, :] <= offset + jnp.arange(t)[:, None]
+  return (causal_TxS[None] & valid_BxS[:, None, :])[:, None]
+
+
 class Attention(nn.Module):
   """Self-attention as `cfg` describes it; init std and dtypes are the model's."""
   cfg: AttentionConfig
@@ -76,7 +100,10 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, segment_ids_BxT: jax.Array,
-               positions_BxT: jax.Array) -> jax.Array:
+               positions_BxT: jax.Array, cache: KVCache | None = None,
+               view: CacheView | None = None):
+    """The attention output [B, T, D]; with a `cache` (and its `view`), also
+    the cache with these tokens' keys and values written in."""
     c = self.cfg
     d = x_BxTxD.shape[-1]
     n, k, h = c.num_heads, c.num_kv_heads, c.head_dim
@@ -93,7 +120,15 @@ class Attention(nn.Module):
     q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, c.rope_theta)
     k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, c.rope_theta)
     q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
-    out_BxTxNxH = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
-                         resolve_impl(c.impl, self.dtype, h))
     o_NxHxD = p("o", (n, h, d), ("q_heads", "head_dim", "embed"))
-    return flat_matmul(out_BxTxNxH, o_NxHxD, contract=2)
+    if cache is None:
+      out_BxTxNxH = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
+                           resolve_impl(c.impl, self.dtype, h))
+      return flat_matmul(out_BxTxNxH, o_NxHxD, contract=2)
+    write = lambda slots, new: jax.lax.dynamic_update_slice_in_dim(
+        slots, new.astype(slots.dtype), view.offset, axis=1)
+    cache = KVCache(write(cache.k_BxSxKxH, k_BxTxKxH), write(cache.v_BxSxKxH, v_BxTxKxH))
+    out_BxTxNxH = jax.nn.dot_product_attention(
+        q_BxTxNxH, cache.k_BxSxKxH.astype(self.dtype), cache.v_BxSxKxH.astype(self.dtype),
+        mask=view.mask_Bx1xTxS, implementation="xla")
+    return flat_matmul(out_BxTxNxH, o_NxHxD, contract=2), cache

@@ -21,7 +21,7 @@ import ml_collections
 
 from nitp_jax import layers
 from nitp_jax import model_config
-from nitp_jax.attention import Attention
+from nitp_jax.attention import Attention, CacheView, KVCache
 from nitp_jax.layers import RMSNorm, SwiGLU, flat_matmul, param
 from nitp_jax.model_config import ModelConfig, NITPConfig
 from nitp_jax.moe import MoE
@@ -36,20 +36,27 @@ class Block(nn.Module):
   moe: bool            # this block's FFN is cfg.moe's (else the dense SwiGLU)
 
   @nn.compact
-  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT):
+  def __call__(self, x_BxTxD, segment_ids_BxT, positions_BxT, cache: KVCache | None = None,
+               view: CacheView | None = None):
+    """(x, aux), or (x, aux, cache) when decoding with a KV cache."""
     c = self.cfg
     cdt, pdt = c.compute_jnp_dtype, c.param_jnp_dtype
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
     h = RMSNorm(c.norm_eps, pdt, name="attn_norm")(x_BxTxD)
     attn = Attention(c.attention, c.init_std, cdt, pdt, name="attn")
-    x_BxTxD = x_BxTxD + attn(h, segment_ids_BxT, positions_BxT).astype(x_BxTxD.dtype)
+    if cache is None:
+      y = attn(h, segment_ids_BxT, positions_BxT)
+    else:
+      y, cache = attn(h, segment_ids_BxT, positions_BxT, cache, view)
+    x_BxTxD = x_BxTxD + y.astype(x_BxTxD.dtype)
     h = RMSNorm(c.norm_eps, pdt, name="ffn_norm")(x_BxTxD)
     if self.moe:
       y, aux = MoE(c.moe, c.init_std, cdt, pdt, name="moe")(h)
     else:
       y = SwiGLU(c.ffn_dim, c.init_std, cdt, pdt, name="mlp")(h)
       aux = {}
-    return x_BxTxD + y.astype(x_BxTxD.dtype), aux
+    x_BxTxD = x_BxTxD + y.astype(x_BxTxD.dtype)
+    return (x_BxTxD, aux) if cache is None else (x_BxTxD, aux, cache)
 
 
 def segments(num_layers: int, num_dense: int, target_layer: int) -> list[tuple[int, int, bool]]:
@@ -65,13 +72,17 @@ def _remat(block_cls, policy: str, scanned: bool):
 
 
 class Transformer(nn.Module):
-  """The backbone; `nitp` says which hidden states come out (k, h_L's norm)."""
+  """The backbone; `nitp` says which hidden states come out (k, h_L's norm).
+
+  Decoding: with `caches` (one KVCache per layer; unrolled layers only) and
+  their `view`, the call returns (logits_BxTxV, caches) for the new tokens."""
   cfg: ModelConfig
   nitp: NITPConfig
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None,
-               positions_BxT: jax.Array | None = None, return_logits: bool = True):
+               positions_BxT: jax.Array | None = None, return_logits: bool = True,
+               caches: list[KVCache] | None = None, view: CacheView | None = None):
     c, k = self.cfg, self.nitp.target_layer
     cdt, pdt = c.compute_jnp_dtype, c.param_jnp_dtype
     b, t = tokens_BxT.shape
@@ -84,6 +95,8 @@ class Transformer(nn.Module):
     # it), so the rows come out batch-sharded without a full rematerialization.
     lookup_VxD = nn.with_logical_constraint(embed_VxD, ("vocab", None))
     x_BxTxD = jnp.take(lookup_VxD, tokens_BxT, axis=0).astype(cdt)
+    if caches is not None:
+      return self._decode(x_BxTxD, segment_ids_BxT, positions_BxT, caches, view, embed_VxD)
     num_dense = c.num_dense_layers
     target_BxTxD = x_BxTxD
     aux_layers = []
@@ -118,6 +131,23 @@ class Transformer(nn.Module):
       return normed_BxTxD, hidden, aux
     logits_BxTxV = unembed(normed_BxTxD, unembed_DxV, cdt)
     return logits_BxTxV, hidden, aux
+
+  def _decode(self, x_BxTxD, segment_ids_BxT, positions_BxT, caches, view, embed_VxD):
+    """The layers over new tokens with KV caches: (logits_BxTxV, caches)."""
+    c = self.cfg
+    if c.scan_layers:
+      raise ValueError("decoding with a KV cache needs unrolled layers: "
+                       "arrange the params with scan_layers=False")
+    new_caches = []
+    for i in range(c.num_layers):
+      block = Block(c, i >= c.num_dense_layers, name=f"layer_{i}")
+      x_BxTxD, _, cache = block(x_BxTxD, segment_ids_BxT, positions_BxT, caches[i], view)
+      new_caches.append(cache)
+    normed_BxTxD = RMSNorm(c.norm_eps, c.param_jnp_dtype, name="final_norm")(x_BxTxD)
+    unembed_DxV = embed_VxD.T if c.tie_embeddings else param(
+        self, "unembed", (c.d_model, c.vocab_size), ("embed", "vocab"), c.init_std,
+        c.param_jnp_dtype)
+    return unembed(normed_BxTxD, unembed_DxV, c.compute_jnp_dtype), new_caches
 
 
 def unembed(normed_BxTxD: jax.Array, unembed_DxV: jax.Array, compute_dtype) -> jax.Array:

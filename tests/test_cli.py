@@ -12,12 +12,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT)
 COMMANDS = ("nitp_jax.train", "nitp_jax.evaluate", "nitp_jax.export.hf",
             "nitp_jax.data.prepare", "nitp_jax.experiments.compare", "nitp_jax.compile_check",
-            "nitp_jax.params", "nitp_jax.plot")
+            "nitp_jax.params", "nitp_jax.plot", "nitp_jax.sample")
 
 OUR_FLAGS = {"config", "workdir", "distributed", "coordinator_address", "num_processes",
              "process_id", "out", "step", "batches", "tokenizer", "input", "output",
              "vocab_size", "text_field", "val_fraction", "workers", "mesh", "devices",
-             "batch", "seq_len", "compile", "ablation"}
+             "batch", "seq_len", "compile", "ablation", "prompt", "prompts_file",
+             "max_new_tokens", "temperature", "top_k", "top_p", "batch_size"}
 IMPORT_ALL = """
 import importlib, json, pkgutil
 from absl import flags
