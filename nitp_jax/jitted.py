@@ -40,6 +40,7 @@ class Steps:
   train: Callable[[step_lib.State, dict], tuple[step_lib.State, dict]]
   eval: Callable[[dict, dict], dict]
   geometry: Callable[[dict, dict], dict]
+  score: Callable[[dict, dict], jax.Array]
 
   @property
   def batch_sharding(self) -> NamedSharding:
@@ -81,4 +82,5 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Steps:
       train=on_mesh(step_lib.make_train_step(cfg, optimizer), (shardings, batch),
                     (shardings, replicated), donate_argnums=0),
       eval=on_mesh(step_lib.make_eval_step(cfg), (params, batch), replicated),
-      geometry=on_mesh(step_lib.make_geometry_step(cfg), (params, batch), replicated))
+      geometry=on_mesh(step_lib.make_geometry_step(cfg), (params, batch), replicated),
+      score=on_mesh(step_lib.make_score_step(cfg), (params, batch), replicated))
