@@ -33,13 +33,14 @@ from nitp_jax import cli
 from nitp_jax import config as config_lib
 from nitp_jax import layout
 from nitp_jax import model as model_lib
-from nitp_jax.errors import ExportError
+from nitp_jax.errors import ConfigError, ExportError
 from nitp_jax.layout import write_json
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
+TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen2_moe": "Qwen2MoeForCausalLM"}
@@ -402,6 +403,54 @@ def import_hf(hf_dir: str) -> tuple[ml_collections.ConfigDict, dict]:
   with open(path) as f:
     cfg = config_from_hf(json.load(f))
   return cfg, params_from_tensors(read_hf_tensors(hf_dir), cfg, source=hf_dir)
+
+
+# Model fields that decide what a HF checkpoint's weights mean: a run that
+# starts from them (config.init.from_hf) must agree on every one.
+ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                       "head_dim", "ffn_dim", "qkv_bias", "tie_embeddings", "rope_theta",
+                       "norm_eps")
+MOE_ARCHITECTURE_FIELDS = ("num_experts", "top_k", "num_dense_layers", "expert_ffn",
+                           "num_shared_experts", "shared_expert_ffn", "renormalize",
+                           "routed_scaling")
+
+
+def architecture_mismatches(hf_cfg: ml_collections.ConfigDict,
+                            cfg: ml_collections.ConfigDict) -> list[str]:
+  """'model.field: HF value vs run value' for every field that differs."""
+  fields = [f"model.{f}" for f in ARCHITECTURE_FIELDS]
+  if hf_cfg.model.moe.num_experts or cfg.model.moe.num_experts:
+    fields += [f"model.moe.{f}" for f in MOE_ARCHITECTURE_FIELDS]
+  def get(c: ml_collections.ConfigDict, dotted: str):
+    for part in dotted.split("."):
+      c = c[part]
+    return c
+  diffs = [f"{f}: {get(hf_cfg, f)!r} in HF vs {get(cfg, f)!r}" for f in fields
+           if get(hf_cfg, f) != get(cfg, f)]
+  if cfg.model.max_seq_len > hf_cfg.model.max_seq_len:
+    diffs.append(f"model.max_seq_len: {cfg.model.max_seq_len} > the HF model's "
+                 f"{hf_cfg.model.max_seq_len}")
+  return diffs
+
+
+def backbone_from_hf(hf_dir: str, cfg: ml_collections.ConfigDict) -> dict:
+  """The backbone params of a HF directory, laid out for the run `cfg`;
+  ConfigError naming every architecture field where the two disagree."""
+  hf_cfg, params = import_hf(hf_dir)
+  diffs = architecture_mismatches(hf_cfg, cfg)
+  if diffs:
+    raise ConfigError(f"--config.init.from_hf={hf_dir} is another architecture than the run's "
+                      f"config ({'; '.join(diffs)}): set those --config.model fields to the HF "
+                      "model's values")
+  return model_lib.arrange_layers(params["backbone"], cfg)
+
+
+def hf_tokenizer_file(hf_dir: str) -> str | None:
+  """The tokenizer of a HF directory: tokenizer.json, else tokenizer.model."""
+  for name in (TOKENIZER_JSON, TOKENIZER):
+    if os.path.isfile(os.path.join(hf_dir, name)):
+      return os.path.join(hf_dir, name)
+  return None
 
 
 # -------------------------------------------------------------------- CLI
