@@ -24,7 +24,8 @@ from nitp_jax.errors import CheckpointError
 # resumes under a config that agrees on all of them.
 RESUME_FIELDS = ("model", "nitp.target_layer", "nitp.projector", "nitp.projector_mult",
                  "nitp.variant", "data.input", "data.seed", "data.val_fraction",
-                 "data.text_field", "data.shuffle_window", "train.seq_len", "train.global_batch", "train.seed")
+                 "data.text_field", "data.shuffle_window", "data.shuffle_seed",
+                 "train.seq_len", "train.global_batch", "train.seed")
 
 
 # How the same weights are computed with: free to change between runs.
@@ -154,7 +155,7 @@ def config_mismatches(saved: ml_collections.ConfigDict, current: ml_collections.
 
 # Saved configs from before a field existed hold its then-implied value.
 FIELD_DEFAULTS = {"model.moe.balance_loss": "batch", "model.moe.bias_update_rate": 0.0,
-                  "data.shuffle_window": 0}
+                  "data.shuffle_window": 0, "data.shuffle_seed": -1}
 
 
 def _with_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

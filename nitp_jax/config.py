@@ -95,7 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.tokenizer = ""              # existing .model; "" = train one
   d.text_field = "text"         # jsonl field
   d.val_fraction = 0.02
-  d.seed = 0
+  d.seed = 0                    # held-out split, tokenizer sample, data order
+  d.shuffle_seed = -1           # data order only (documents and pieces);
+                                # -1 = data.seed. compare --seeds varies it
   d.worker_count = 0            # grain worker processes; 0 = in-process
   d.shuffle_window = 1024       # pieces (seq_len-token chunks of documents)
                                 # shuffled together, so one batch mixes many
@@ -228,6 +230,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("data.val_fraction", cfg.data.val_fraction, "must be in [0, 1)")
   if cfg.data.worker_count < 0:
     _fail("data.worker_count", cfg.data.worker_count, "must be >= 0")
+  if cfg.data.shuffle_seed != -1 and not 0 <= cfg.data.shuffle_seed < 2**32:
+    _fail("data.shuffle_seed", cfg.data.shuffle_seed, "must be -1 (= data.seed) or in [0, 2**32)")
   if cfg.data.shuffle_window < 0:
     _fail("data.shuffle_window", cfg.data.shuffle_window, "must be >= 0 (0 = no shuffle)")
   for axis in ("data", "fsdp", "tensor", "expert"):
@@ -310,3 +314,8 @@ def paper_moe(*, d_model: int, num_moe_layers: int, num_heads: int, num_kv_heads
   e.expert_ffn = e.shared_expert_ffn = expert_ffn
   e.aux_loss_weight = 0.001
   return paper_recipe(c, **recipe)
+
+
+def order_seed(cfg: ml_collections.ConfigDict) -> int:
+  """The seed of the training data order: data.shuffle_seed, else data.seed."""
+  return cfg.data.seed if cfg.data.shuffle_seed < 0 else cfg.data.shuffle_seed

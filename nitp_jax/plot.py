@@ -3,10 +3,14 @@
   python -m nitp_jax.plot runs/ntp runs/nitp --out=compare.png
 
 Four panels against step, one line per run (legend: the run directory's
-name): training NTP loss, training NITP loss, effective rank and mean
-pairwise cosine of the last hidden states on the held-out probe batch.
-Losses are drawn raw (faint) and smoothed by a centred moving average over
-5% of the points. Runs without NITP have no NITP line.
+name): training NTP loss with the held-out loss (dashed, at each eval),
+training NITP loss, effective rank and mean pairwise cosine of the last
+hidden states on the held-out probe batch. Losses are drawn raw (faint) and
+smoothed by a centred moving average over 5% of the points. Runs without
+NITP have no NITP line. A single run is titled by its name.
+
+`plot_groups` draws groups of runs (one arm, several seeds): the mean over
+the seeds as the line and mean ± one standard deviation as a band.
 """
 
 from __future__ import annotations
@@ -27,14 +31,15 @@ from nitp_jax import cli  # pylint: disable=wrong-import-position
 from nitp_jax.errors import PlotError  # pylint: disable=wrong-import-position
 
 Series = tuple[np.ndarray, np.ndarray]
-# (record kind, key, title, y label, smooth)
+# (record kind, key, title, y label, smooth, overlay (kind, key, label suffix) or None)
 PANELS = (
-    ("train", "ntp", "Training NTP loss", "cross-entropy (nats / token)", True),
-    ("train", "nitp", "Training NITP loss", "NITP loss (cosine: 1 − cos)", True),
+    ("train", "ntp", "NTP loss: training and held-out", "cross-entropy (nats / token)", True,
+     ("eval", "ntp", " held-out")),
+    ("train", "nitp", "Training NITP loss", "NITP loss (cosine: 1 − cos)", True, None),
     ("probe", "erank_last", "Effective rank of last hidden states",
-     "effective rank (held-out probe)", False),
+     "effective rank (held-out probe)", False, None),
     ("probe", "cos_last", "Mean pairwise cosine of last hidden states",
-     "mean cosine (held-out probe)", False),
+     "mean cosine (held-out probe)", False, None),
 )
 
 
@@ -83,20 +88,54 @@ def run_labels(run_dirs: Sequence[str]) -> list[str]:
           for p, n in zip(paths, names)]
 
 
-def _draw_panel(ax, runs: list[tuple[str, list[dict]]], panel: tuple, colors: list) -> None:
-  kind, key, title, ylabel, smoothed = panel
-  drawn = 0
-  for (label, records), color in zip(runs, colors):
-    steps, values = series(records, kind, key)
+def seed_series(runs: list[list[dict]], kind: str, key: str, smoothed: bool
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+  """(steps, mean, std) over the runs of a group at the steps all of them
+  logged (each run smoothed first when `smoothed`); None without points."""
+  per_run = [series(records, kind, key) for records in runs]
+  per_run = [(s, smooth(v) if smoothed and len(v) > 1 else v) for s, v in per_run if len(s)]
+  if not per_run:
+    return None
+  common = per_run[0][0]
+  for steps, _ in per_run[1:]:
+    common = np.intersect1d(common, steps)
+  values = np.stack([v[np.searchsorted(s, common)] for s, v in per_run])
+  return common, values.mean(axis=0), values.std(axis=0)
+
+
+def _draw_group(ax, label: str, runs: list[list[dict]], kind: str, key: str, smoothed: bool,
+                color, dashed: bool = False) -> bool:
+  """One group's line (and band, with several runs); False if it has no points."""
+  style = {"color": color, "linewidth": 2.0, "linestyle": "--" if dashed else "-"}
+  if len(runs) == 1:
+    steps, values = series(runs[0], kind, key)
     if not len(steps):
-      continue
-    drawn += 1
+      return False
     if smoothed and len(values) > 1:
       ax.plot(steps, values, color=color, alpha=0.25, linewidth=1.0)
-      ax.plot(steps, smooth(values), color=color, linewidth=2.0, label=label)
-    else:
-      ax.plot(steps, values, color=color, linewidth=2.0, label=label,
-              marker="o" if len(values) <= 30 else None, markersize=4)
+      values = smooth(values)
+    ax.plot(steps, values, label=label, marker="o" if dashed or len(values) <= 30 else None,
+            markersize=4, **style)
+    return True
+  found = seed_series(runs, kind, key, smoothed)
+  if found is None or not len(found[0]):
+    return False
+  steps, mean, std = found
+  ax.plot(steps, mean, label=f"{label} (mean of {len(runs)})",
+          marker="o" if dashed else None, markersize=4, **style)
+  ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+  return True
+
+
+def _draw_panel(ax, groups: list[tuple[str, list[list[dict]]]], panel: tuple,
+                colors: list) -> None:
+  kind, key, title, ylabel, smoothed, overlay = panel
+  drawn = 0
+  for (label, runs), color in zip(groups, colors):
+    drawn += _draw_group(ax, label, runs, kind, key, smoothed, color)
+    if overlay is not None:
+      drawn += _draw_group(ax, label + overlay[2], runs, overlay[0], overlay[1], False, color,
+                           dashed=True)
   ax.set_title(title)
   ax.set_xlabel("training step")
   ax.set_ylabel(ylabel)
@@ -108,23 +147,35 @@ def _draw_panel(ax, runs: list[tuple[str, list[dict]]], panel: tuple, colors: li
             transform=ax.transAxes, color="gray")
 
 
-def plot_runs(run_dirs: Sequence[str], out_path: str, title: str | None = None) -> str:
-  """Write the 2x2 figure for `run_dirs` to `out_path` (PNG); return out_path."""
-  if not run_dirs:
+def plot_groups(groups: dict[str, Sequence[str]], out_path: str, title: str | None = None
+                ) -> str:
+  """Write the 2x2 figure with one line (and seed band) per group of run
+  directories to `out_path` (PNG); return out_path."""
+  if not groups or not all(groups.values()):
     raise PlotError("no run directories given: pass one or more training --workdir paths")
-  runs = [(label, read_records(d)) for label, d in zip(run_labels(run_dirs), run_dirs)]
-  colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(runs))]
+  loaded = [(label, [read_records(d) for d in dirs]) for label, dirs in groups.items()]
+  colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(loaded))]
+  if title is None:
+    title = loaded[0][0] if len(loaded) == 1 else "NTP vs NITP: " + ", ".join(groups)
   with plt.rc_context({"font.size": 12, "axes.titlesize": 13, "axes.labelsize": 12,
                        "legend.fontsize": 11}):
     fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
     for ax, panel in zip(axes.flat, PANELS):
-      _draw_panel(ax, runs, panel, colors)
-    fig.suptitle(title or "NTP vs NITP: " + ", ".join(label for label, _ in runs), fontsize=15)
+      _draw_panel(ax, loaded, panel, colors)
+    fig.suptitle(title, fontsize=15)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
   return out_path
+
+
+def plot_runs(run_dirs: Sequence[str], out_path: str, title: str | None = None) -> str:
+  """`plot_groups` with one run per line, labelled by its directory name."""
+  if not run_dirs:
+    raise PlotError("no run directories given: pass one or more training --workdir paths")
+  return plot_groups({label: [d] for label, d in zip(run_labels(run_dirs), run_dirs)},
+                     out_path, title)
 
 
 def main(argv: list[str]) -> None:

@@ -88,7 +88,7 @@ class Trainer:
     self.mesh = jitted.mesh_for_config(cfg)
     self.data_dir = prepare_data(cfg, self.workdir)
     self.log = MetricsLog(self.workdir, enabled=self.is_main)
-    self.train_iter = self._train_iterator(cfg.data.seed)
+    self.train_iter = self._train_iterator(config_lib.order_seed(cfg))
     self.eval_batches = pipeline.make_eval_batches(
         self.data_dir, t.seq_len, t.global_batch, t.eval_batches)
     self.steps = jitted.build(cfg, self.mesh)
@@ -109,7 +109,7 @@ class Trainer:
       return self.steps.init(jax.random.key(self.cfg.train.seed))
     step, state, data_restored = restored
     if not data_restored:  # another process count wrote it: see restore_latest
-      self.train_iter = self._train_iterator(self.cfg.data.seed + step)
+      self.train_iter = self._train_iterator(config_lib.order_seed(self.cfg) + step)
     self.log.info(f"resuming from step {step} in {self.checkpointer.directory}")
     self.log.truncate_after(step)
     return state

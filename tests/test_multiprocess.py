@@ -183,7 +183,8 @@ def one_process_reference(config_path: str, workdir: str) -> None:
   trainer = train.Trainer(cfg, workdir)
   t = cfg.train
   halves = [pipeline.make_train_dataset(trainer.data_dir, t.seq_len, t.global_batch,
-                                        seed=cfg.data.seed, process_index=p, process_count=2,
+                                        seed=config_lib.order_seed(cfg), process_index=p,
+                                        process_count=2,
                                         shuffle_window=cfg.data.shuffle_window)
             for p in range(2)]
   trainer.train_iter = iter(grain.experimental.ZipIterDataset(halves).map(

@@ -157,15 +157,18 @@ def test_evaluate_cli_errors_in_one_line(tmp_path):
   assert not os.path.exists(missing)
 
 
-def _write_metrics(run_dir, nitp: bool, cut_last_line: bool = False) -> None:
+def _write_metrics(run_dir, nitp: bool, cut_last_line: bool = False, seed: int = 0) -> None:
   os.makedirs(run_dir)
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   lines = []
   for step in range(1, 101):
     rec = {"step": step, "kind": "train", "ntp": 8 * math.exp(-step / 40) + rng.normal(0, .1)}
     if nitp:
       rec["nitp"] = 0.1 + 0.9 * math.exp(-step / 10)
     lines.append(json.dumps(rec))
+    if step % 25 == 0:
+      lines.append(json.dumps({"step": step, "kind": "eval", "ntp": 9 * math.exp(-step / 50)
+                               + seed / 10, "next_line/acc": 0.25 + seed / 100}))
     if step % 20 == 0:
       lines.append(json.dumps({"step": step, "kind": "probe", "erank_last": 50 - step / 4,
                                "cos_last": step / 200, "erank_target": 60.0,
@@ -187,6 +190,45 @@ def test_plot_runs_writes_a_png(tmp_path):
   assert plot.run_labels(["x/run", "y/run", "z"]) == ["x/run", "y/run", "z"]
   with pytest.raises(plot.PlotError, match="no metrics.jsonl"):
     plot.plot_runs([str(tmp_path / "missing")], str(tmp_path / "x.png"))
+
+
+def test_seed_groups_are_drawn_as_mean_and_band(tmp_path):
+  groups = {}
+  for arm in ("ntp", "nitp"):
+    groups[arm] = []
+    for seed in range(3):
+      run = tmp_path / arm / f"seed_{seed}"
+      _write_metrics(run, nitp=arm == "nitp", seed=seed)
+      groups[arm].append(str(run))
+  steps, mean, std = plot.seed_series([plot.read_records(d) for d in groups["ntp"]], "eval",
+                                      "ntp", smoothed=False)
+  assert list(steps) == [25, 50, 75, 100]
+  np.testing.assert_allclose(mean, 9 * np.exp(-steps / 50) + 0.1)
+  np.testing.assert_allclose(std, np.std([0, 0.1, 0.2]), rtol=1e-6)
+  out = plot.plot_groups(groups, str(tmp_path / "bands.png"))
+  assert png_size(out)[0] >= 800 and plot.plt.imread(out).std() > 0.05
+
+
+def test_seeded_runs_and_their_summary(prepared_dir, tmp_path):
+  cfg = train_config(prepared_dir, steps=3)
+  runs = compare.plan_runs(cfg, str(tmp_path), [], seeds=3)
+  assert [r.name for r in runs] == [f"{a}/seed_{i}" for a in ("ntp", "nitp") for i in range(3)]
+  assert [r.cfg.data.shuffle_seed for r in runs] == [0, 1, 2] * 2
+  assert [r.cfg.train.seed for r in runs] == [0, 1, 2] * 2
+  assert {r.cfg.data.seed for r in runs} == {0}  # same split and tokenizer for every seed
+  rows = [{"run": r.name, "changes": r.changes, "step": 3,
+           "heldout_loss": 5.0 + 0.1 * r.seed - (0.01 if r.arm == "nitp" else 0.0),
+           "erank_last": 10.0, "cos_last": 0.5, "next_line/acc": 0.25} for r in runs]
+  table = compare.aggregate(rows, runs)
+  assert [a["run"] for a in table] == ["ntp", "nitp"] and table[0]["seeds"] == 3
+  assert table[0]["heldout_loss"] == pytest.approx(5.1)
+  assert table[0]["heldout_loss_std"] == pytest.approx(np.std([5.0, 5.1, 5.2]))
+  md = compare.markdown_table(table)
+  assert "5.1000 ± 0.0816" in md and "next_line/acc" in md
+  summary = compare.seed_summary(rows, runs)
+  assert "-0.0100 ± 0.0000" in summary and "larger than its spread" in summary
+  with pytest.raises(config_lib.ConfigError, match="--seeds=0"):
+    compare.plan_runs(cfg, str(tmp_path), [], seeds=0)
 
 
 def test_ablation_values_take_the_fields_type():
@@ -220,3 +262,16 @@ def test_train_config_is_unchanged_by_planning(prepared_dir, tmp_path):
   assert [r.name for r in runs] == list(RUNS)
   assert [r.cfg.nitp.weight for r in runs] == [0.0, 1.0, 1.0]
   assert {r.cfg.data.prepared_dir for r in runs} == {prepared_dir}
+
+
+def test_compare_with_seeds_end_to_end(prepared_dir, tmp_path):
+  cfg = train_config(prepared_dir, steps=2, eval_every=2, checkpoint_every=2, geometry_every=2)
+  report = compare.compare(cfg, str(tmp_path), seeds=2, log=lambda _: None)
+  assert [a["run"] for a in report["arms"]] == ["ntp", "nitp"]
+  assert all(a["seeds"] == 2 and a["heldout_loss_std"] > 0 for a in report["arms"])
+  first = {r["run"]: records(r["workdir"], "train")[0]["ntp"] for r in report["runs"]}
+  assert first["ntp/seed_0"] == first["nitp/seed_0"] != first["ntp/seed_1"]
+  evals = {r["run"]: records(r["workdir"], "eval")[-1]["tokens"] for r in report["runs"]}
+  assert len(set(evals.values())) == 1  # one held-out split for every seed
+  md = open(os.path.join(tmp_path, "report.md")).read()
+  assert "over 2 seeds" in md and " ± " in md and png_size(report["figure"])[0] >= 800

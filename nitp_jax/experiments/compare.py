@@ -1,8 +1,8 @@
 """NTP vs NITP (and ablations) with identical data order and seeds.
 
   python -m nitp_jax.experiments.compare --config=configs/tiny.py --out=DIR \
-      [--ablation=k0:nitp.target_layer=0] [--ablation=nosg:nitp.stop_gradient=false] \
-      [--config.train.steps=N ...]
+      [--seeds=3] [--ablation=k0:nitp.target_layer=0] \
+      [--ablation=nosg:nitp.stop_gradient=false] [--config.train.steps=N ...]
 
 Trains, one after the other, in DIR/<name>/:
   ntp    the config with nitp.weight = 0 (plain next-token prediction)
@@ -15,6 +15,13 @@ DIR/data) and the config's data.seed and train.seed, so they see the same
 batches in the same order. Rerunning the command resumes unfinished runs.
 Then writes DIR/compare.png (nitp_jax.plot), DIR/report.md (a table of final
 metrics and one line on what it shows) and DIR/report.json (the same numbers).
+
+--seeds=N trains every arm N times, in DIR/<arm>/seed_<i>: seed i shifts the
+data order (data.shuffle_seed) and the initialisation (train.seed) by i, the
+same for every arm, over the same prepared data and held-out split. The
+table shows mean ± standard deviation over the seeds, the summary the
+NITP − NTP held-out difference per seed (mean ± std), and the figure the
+seed mean with a ±1 std band.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import re
 from typing import Any, Callable, Sequence
 
 import ml_collections
+import numpy as np
 from absl import flags
 
 from nitp_jax import cli
@@ -43,10 +51,12 @@ TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 @dataclasses.dataclass
 class RunSpec:
-  name: str
+  name: str               # the arm, or arm/seed_<i> with several seeds
   cfg: ml_collections.ConfigDict
   changes: str            # what differs from the NITP config, in words
   workdir: str = ""
+  arm: str = ""
+  seed: int = 0
 
 
 # ------------------------------------------------------------------ ablations
@@ -111,9 +121,12 @@ def _with(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_colle
   return out
 
 
-def plan_runs(cfg: ml_collections.ConfigDict, out_dir: str, ablations: Sequence[str]
-              ) -> list[RunSpec]:
-  """The runs (ntp, nitp, ablations), each config validated, sharing data."""
+def plan_runs(cfg: ml_collections.ConfigDict, out_dir: str, ablations: Sequence[str],
+              seeds: int = 1) -> list[RunSpec]:
+  """The runs (ntp, nitp, ablations; each `seeds` times), each config
+  validated, sharing data."""
+  if seeds < 1:
+    raise config_lib.ConfigError(f"--seeds={seeds} is invalid: must be >= 1")
   if cfg.nitp.weight <= 0:
     raise config_lib.ConfigError(
         f"config.nitp.weight={cfg.nitp.weight}: compare needs the NITP config (λ > 0); the "
@@ -132,11 +145,17 @@ def plan_runs(cfg: ml_collections.ConfigDict, out_dir: str, ablations: Sequence[
     runs.append(RunSpec(name, _with(base, overrides),
                         ", ".join(f"{k}={v}" for k, v in overrides.items())))
   for r in runs:
-    r.workdir = os.path.join(out_dir, r.name)
+    r.arm = r.name
     try:
       config_lib.validate(r.cfg)
     except config_lib.ConfigError as e:
       raise config_lib.ConfigError(f"run {r.name!r}: {e}") from None
+  if seeds > 1:
+    runs = [dataclasses.replace(r, name=f"{r.arm}/seed_{i}", seed=i, cfg=_with(r.cfg, {
+        "data.shuffle_seed": config_lib.order_seed(r.cfg) + i, "train.seed": r.cfg.train.seed + i}))
+        for r in runs for i in range(seeds)]
+  for r in runs:
+    r.workdir = os.path.join(out_dir, r.name)
   return runs
 
 
@@ -168,6 +187,7 @@ def final_metrics(run_dir: str) -> dict[str, Any]:
       **{k: last_probe.get(k) for k in ("erank_last", "cos_last", "erank_target",
                                         "cos_target")},
       "probe_step": last_probe.get("step"),
+      **{k: v for k, v in last_eval.items() if k.endswith(("/acc", "/acc_norm"))},
   }
 
 
@@ -175,19 +195,54 @@ COLUMNS = (("train NTP", "train_ntp", "{:.4f}"), ("held-out loss", "heldout_loss
            ("held-out ppl", "heldout_ppl", "{:.2f}"), ("NITP loss", "train_nitp", "{:.4f}"),
            ("erank last", "erank_last", "{:.1f}"), ("cos last", "cos_last", "{:.3f}"),
            ("erank target", "erank_target", "{:.1f}"))
+TASK_FORMAT = "{:.3f}"
 
 
-def _fmt(value: Any, fmt: str) -> str:
-  return "–" if value is None or not math.isfinite(value) else fmt.format(value)
+def _columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+  """COLUMNS plus one per downstream task metric the runs logged."""
+  tasks = sorted({k for r in rows for k in r if k.endswith(("/acc", "/acc_norm"))})
+  return list(COLUMNS) + [(k, k, TASK_FORMAT) for k in tasks]
+
+
+def _fmt(value: Any, fmt: str, std: float | None = None) -> str:
+  if value is None or not math.isfinite(value):
+    return "–"
+  return fmt.format(value) + (f" ± {fmt.format(std)}" if std is not None else "")
 
 
 def markdown_table(rows: list[dict]) -> str:
-  head = ["run", "changes", "steps"] + [c[0] for c in COLUMNS]
+  """One row per run, or per arm (mean ± std) when rows carry `<key>_std`."""
+  columns = _columns(rows)
+  head = ["run", "changes", "steps"] + [c[0] for c in columns]
+  if any("seeds" in r for r in rows):
+    head.insert(3, "seeds")
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [r["run"], r["changes"], str(r["step"])] + [_fmt(r[k], f) for _, k, f in COLUMNS]
+    cells = [r["run"], r["changes"], str(r["step"])]
+    if "seeds" in r:
+      cells.append(str(r["seeds"]))
+    cells += [_fmt(r.get(k), f, r.get(f"{k}_std")) for _, k, f in columns]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def aggregate(rows: list[dict], runs: Sequence[RunSpec]) -> list[dict]:
+  """Per arm: the mean and (population) std over its seeds of every metric."""
+  arms: dict[str, list[dict]] = {}
+  for row, r in zip(rows, runs):
+    arms.setdefault(r.arm, []).append(row)
+  out = []
+  for arm, group in arms.items():
+    agg = {"run": arm, "changes": group[0]["changes"], "seeds": len(group),
+           "step": min(g["step"] for g in group)}
+    for _, key, _ in _columns(rows):
+      values = [g.get(key) for g in group]
+      if values and all(v is not None and math.isfinite(v) for v in values):
+        agg[key], agg[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
+      else:
+        agg[key] = None
+    out.append(agg)
+  return out
 
 
 def _direction(a: float, b: float) -> str:
@@ -210,21 +265,45 @@ def summary_line(rows: list[dict]) -> str:
           f"({_direction(a['cos_last'], b['cos_last'])}).")
 
 
+def seed_summary(rows: list[dict], runs: Sequence[RunSpec]) -> str:
+  """The NITP − NTP held-out difference per seed, as mean ± std, and whether
+  it is larger than its spread over the seeds."""
+  loss = {(r.arm, r.seed): row["heldout_loss"] for row, r in zip(rows, runs)}
+  seeds = sorted({r.seed for r in runs})
+  diffs = [loss[("nitp", s)] - loss[("ntp", s)] for s in seeds
+           if loss.get(("nitp", s)) is not None and loss.get(("ntp", s)) is not None]
+  if len(diffs) < 2:
+    return "Not enough seeds with held-out losses to compare NITP with NTP."
+  mean, std = float(np.mean(diffs)), float(np.std(diffs))
+  verdict = ("larger than its spread over the seeds" if abs(mean) > std else
+             "within the seed noise: no difference can be claimed")
+  return (f"NITP − NTP held-out loss over {len(diffs)} seeds (same data order and init per "
+          f"seed): {mean:+.4f} ± {std:.4f} nats/token; per seed "
+          f"{', '.join(f'{d:+.4f}' for d in diffs)}. The mean difference is {verdict}.")
+
+
 def write_report(out_dir: str, runs: Sequence[RunSpec], figure: str) -> dict:
   """report.md and report.json in out_dir; returns the report dict."""
   rows = [{"run": r.name, "changes": r.changes, "workdir": r.workdir,
            **final_metrics(r.workdir)} for r in runs]
-  summary = summary_line(rows)
+  several = len({r.seed for r in runs}) > 1
+  table = aggregate(rows, runs) if several else rows
+  summary = seed_summary(rows, runs) if several else summary_line(rows)
   notes = (f"train NTP / NITP loss: mean over the last {LAST_FRACTION:.0%} of logged training "
            "steps; held-out loss / ppl: the last eval (validation split, token-weighted); "
            "erank / cos: effective rank and mean pairwise cosine of the last hidden states "
            "(target: the states after block k) on the held-out probe batch at the last "
-           "probe step. All runs: same prepared data, data.seed and train.seed.")
-  md = "\n\n".join(["# NTP vs NITP comparison", markdown_table(rows), summary,
+           "probe step; <task>/acc, /acc_norm: downstream accuracy at the last eval. All "
+           "runs: same prepared data" + (", data.seed and train.seed." if not several else
+           "; seed i shifts the data order and the init of every arm alike; ± is the "
+           "standard deviation over the seeds."))
+  md = "\n\n".join(["# NTP vs NITP comparison", markdown_table(table), summary,
                     notes, f"![curves]({os.path.basename(figure)})"]) + "\n"
   with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
     f.write(md)
   report = {"runs": rows, "summary": summary, "figure": figure}
+  if several:
+    report["arms"] = table
   with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2, ensure_ascii=False)
     f.write("\n")
@@ -234,24 +313,27 @@ def write_report(out_dir: str, runs: Sequence[RunSpec], figure: str) -> dict:
 # ---------------------------------------------------------------------- run
 
 def compare(cfg: ml_collections.ConfigDict, out_dir: str, ablations: Sequence[str] = (),
-            log: Callable[[str], None] = print) -> dict:
+            log: Callable[[str], None] = print, seeds: int = 1) -> dict:
   """Train every run (resuming), then write the figure and the report."""
-  runs = plan_runs(cfg, out_dir, ablations)
+  runs = plan_runs(cfg, out_dir, ablations, seeds)
   os.makedirs(out_dir, exist_ok=True)
   for i, r in enumerate(runs, 1):
     log(f"== run {i}/{len(runs)}: {r.name} ({r.changes}) in {r.workdir}")
     train.run(r.cfg, r.workdir)
   figure = os.path.join(os.path.abspath(out_dir), "compare.png")
-  plot.plot_runs([r.workdir for r in runs], figure,
-                 title=f"NTP vs NITP, {cfg.train.steps} steps, identical data and seeds")
+  groups: dict[str, list[str]] = {}
+  for r in runs:
+    groups.setdefault(r.arm, []).append(r.workdir)
+  seeds_text = f", {seeds} seeds (mean ± std)" if seeds > 1 else ", identical data and seeds"
+  plot.plot_groups(groups, figure, title=f"NTP vs NITP, {cfg.train.steps} steps{seeds_text}")
   return write_report(os.path.abspath(out_dir), runs, figure)
 
 
 def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
-  report = compare(f.config, f.out, f.ablation)
-  print("\n" + markdown_table(report["runs"]) + "\n\n" + report["summary"])
+  report = compare(f.config, f.out, f.ablation, seeds=f.seeds)
+  print("\n" + markdown_table(report.get("arms", report["runs"])) + "\n\n" + report["summary"])
   out = os.path.abspath(f.out)
   print(f"\nwrote {report['figure']}, {out}/report.md, {out}/report.json")
 
@@ -263,9 +345,11 @@ def define_flags() -> None:
                       "report.md, report.json.")
   flags.DEFINE_multi_string("ablation", [], "NAME:field=value[,field=value...]: an extra "
                             "run, the NITP config with these overrides.")
+  flags.DEFINE_integer("seeds", 1, "Runs per arm, seed i shifting the data order and init "
+                       "by i; the report shows mean ± std over them.")
   flags.mark_flags_as_required(["config", "out"])
 
 
 if __name__ == "__main__":
-  cli.run_main(main, define_flags, usage="--config=FILE --out=DIR "
+  cli.run_main(main, define_flags, usage="--config=FILE --out=DIR [--seeds=N] "
                "[--ablation=NAME:field=value,...]")
