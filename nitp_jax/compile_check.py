@@ -32,6 +32,7 @@ from ml_collections import config_flags
 
 from nitp_jax import cli
 from nitp_jax import config as config_lib
+from nitp_jax import fit
 from nitp_jax import jitted
 from nitp_jax import sharding
 from nitp_jax.errors import ConfigError
@@ -106,9 +107,7 @@ def check(cfg: ml_collections.ConfigDict, compile_step: bool = True) -> dict:
       "microbatches": cfg.train.microbatches,
       **({"dispatch": cfg.model.moe.dispatch} if config_lib.is_moe(cfg) else {}),
       "params": sum(math.prod(a.shape) for a in jax.tree.leaves(params)),
-      "param_bytes_per_device": sharding.per_device_bytes(params, shardings["params"]),
-      "opt_state_bytes_per_device": sharding.per_device_bytes(state["opt_state"],
-                                                              shardings["opt_state"]),
+      **fit.state_bytes_per_device(state, shardings),
   }
   start = time.perf_counter()
   lowered = steps.train.lower(state, steps.abstract_batch())
