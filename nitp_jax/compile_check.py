@@ -140,6 +140,9 @@ def memory_report(memory) -> dict[str, int]:
 def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
+  for name in ("devices", "batch", "seq_len"):
+    if f[name].value is not None and f[name].value <= 0:
+      raise ConfigError(f"--{name}={f[name].value} is invalid: must be a positive integer")
   wanted = devices_wanted(f.mesh, f.devices)
   if wanted:
     simulate_devices(wanted)

@@ -64,9 +64,7 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
     workers: threads that tokenize in parallel.
     max_tokenizer_chars: size of the tokenizer's training sample.
   """
-  if not 0 <= val_fraction < 1:
-    raise DataError(f"{flag('data.val_fraction')}={val_fraction} is invalid: must be in "
-                    "[0, 1)")
+  _check_arguments(vocab_size, val_fraction, seed, workers)
   corpus = open_corpus(input, text_field)
   inputs = _inputs(corpus, input, text_field, val_fraction, seed, vocab_size,
                    tokenizer_path)
@@ -119,6 +117,17 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
   }
   write_json(os.path.join(output_dir, MANIFEST), manifest)
   return manifest
+
+
+def _check_arguments(vocab_size: int, val_fraction: float, seed: int, workers: int) -> None:
+  """DataError naming the first argument out of range."""
+  checks = (("model.vocab_size", vocab_size, vocab_size > 0, "must be a positive integer"),
+            ("data.val_fraction", val_fraction, 0 <= val_fraction < 1, "must be in [0, 1)"),
+            ("data.seed", seed, 0 <= seed < 2**31, "must be an integer in [0, 2**31)"),
+            ("data.prepare_workers", workers, workers > 0, "must be a positive integer"))
+  for field, value, ok, allowed in checks:
+    if not ok:
+      raise DataError(f"{flag(field)}={value} is invalid: {allowed}")
 
 
 def _default_corpus_too_small(e: tok_lib.CorpusTooSmallError) -> str:
