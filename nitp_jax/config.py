@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from typing import Any, Iterator
 
 import ml_collections
 
@@ -180,18 +181,18 @@ def _seed(cfg, field: str) -> None:
     _fail(field, v, "must be an integer in [0, 2**31)")
 
 
-def _leaves(node, prefix: str = ""):
+def leaves(node: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
   """(dotted field name, value) of every leaf of a ConfigDict."""
   for key, value in node.items():
     if isinstance(value, ml_collections.ConfigDict):
-      yield from _leaves(value, f"{prefix}{key}.")
+      yield from leaves(value, f"{prefix}{key}.")
     else:
       yield f"{prefix}{key}", value
 
 
 def _finite(cfg) -> None:
   """No NaN or infinity anywhere: every float field is a finite number."""
-  for field, v in _leaves(cfg):
+  for field, v in leaves(cfg):
     if isinstance(v, float) and not math.isfinite(v):
       _fail(field, v, "must be a finite number")
 

@@ -64,7 +64,7 @@ def check(steps: jitted.Steps) -> None:
   """ConfigError (one line: what is needed, what this machine has, where to
   run instead) when one device cannot hold its share of the train state."""
   need = sum(state_bytes_per_device(steps.abstract_state, steps.state_shardings).values())
-  have, what = device_memory(steps.mesh.devices.flat[0])
+  have, what = device_memory()  # this process's devices (others may not be addressable)
   if need <= have:
     return
   total = sum(math.prod(a.shape) * a.dtype.itemsize

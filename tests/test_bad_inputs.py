@@ -164,7 +164,7 @@ def _numeric_fields() -> list[tuple[str, object]]:
   """(field, out-of-range value) for every numeric field of base_config():
   NaN, inf and -2 for floats; -2 (below -1, the mesh's fill value) for ints."""
   cases = []
-  for field, value in config_lib._leaves(config_lib.base_config()):  # pylint: disable=protected-access
+  for field, value in config_lib.leaves(config_lib.base_config()):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       continue
     bad = [float("nan"), float("inf"), -2.0] if isinstance(value, float) else [-2]
@@ -209,7 +209,8 @@ def test_data_messages_name_the_commands_flags(spelling, expected, foreign, bad_
   messages = []
   with flag_names.spelled(*spelling):
     for build in (lambda: prepare.prepare("/no/such/corpus", str(tmp_path / "a"), 512),
-                  lambda: prepare.prepare(str(bad_files / "no_text.jsonl"), str(tmp_path / "b"), 512)):
+                  lambda: prepare.prepare(str(bad_files / "no_text.jsonl"), str(tmp_path / "b"),
+                                          512)):
       with pytest.raises(errors.DataError) as err:
         build()
       messages.append(str(err.value))

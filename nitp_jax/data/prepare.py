@@ -133,9 +133,9 @@ def _check_arguments(vocab_size: int, val_fraction: float, seed: int, workers: i
 def _default_corpus_too_small(e: tok_lib.CorpusTooSmallError) -> str:
   """A vocabulary the embedded demo corpus cannot serve: the config expects
   real data (the paper's configs: Qwen2's 152,064-entry vocabulary)."""
-  return (f"vocab_size={e.vocab_size} needs a real corpus or a ready tokenizer: the "
-          f"embedded demo corpus (used when {flag('data.input')} is empty) yields at most "
-          f"{e.max_pieces} tokenizer pieces. Pass your documents with "
+  return (f"{flag('model.vocab_size')}={e.vocab_size} needs a real corpus or a ready "
+          f"tokenizer: the embedded demo corpus (used when {flag('data.input')} is empty) "
+          f"yields at most {e.max_pieces} tokenizer pieces. Pass your documents with "
           f"{flag('data.input')}=PATH_OR_GLOB (.txt/.md/.jsonl), or a SentencePiece model "
           f"of at most {e.vocab_size} pieces with {flag('data.tokenizer')}=FILE.model")
 
