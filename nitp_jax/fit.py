@@ -6,13 +6,16 @@ abstract state and its shardings (`state_bytes_per_device`, also reported by
 on an accelerator; on CPU, where `memory_stats()` is None, the host's RAM
 (or its cgroup limit, if lower) shared by the process's local devices.
 Activations and XLA's temporaries come on top, so passing is necessary, not
-sufficient: `python -m nitp_jax.compile_check` measures the whole step.
+sufficient: `python -m nitp_jax.compile_check` measures the whole step, and
+`out_of_memory_as_config_error` turns XLA's RESOURCE_EXHAUSTED into one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from typing import Iterator
 
 import jax
 
@@ -81,3 +84,21 @@ def check(steps: jitted.Steps) -> None:
       f"{math.ceil(total / have)} devices of this size, more for activations); try a mesh "
       "first with `python -m nitp_jax.compile_check --config=<this config> "
       "--mesh=fsdp=N --compile=false`")
+
+
+@contextlib.contextmanager
+def out_of_memory_as_config_error() -> Iterator[None]:
+  """XLA's RESOURCE_EXHAUSTED (a step or state too large for the device)
+  becomes a one-line ConfigError naming the settings that shrink it."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if not first.startswith("RESOURCE_EXHAUSTED"):
+      raise
+    raise ConfigError(
+        f"the run does not fit in device memory ({first[:200]}): lower "
+        "--config.train.global_batch or raise --config.train.microbatches, set "
+        "--config.model.remat_policy=full and --config.model.ce_chunk=1024, or shard over "
+        "more devices (--config.mesh.fsdp=-1); `python -m nitp_jax.compile_check` measures "
+        "a step's memory, and rerunning resumes from the last checkpoint") from None

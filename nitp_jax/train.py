@@ -199,11 +199,12 @@ class Trainer:
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None) -> dict:
-  trainer = Trainer(cfg, workdir)
-  try:
-    return trainer.run(stop_after)
-  finally:
-    trainer.close()
+  with fit.out_of_memory_as_config_error():
+    trainer = Trainer(cfg, workdir)
+    try:
+      return trainer.run(stop_after)
+    finally:
+      trainer.close()
 
 
 def main(argv: list[str]) -> None:
