@@ -291,6 +291,8 @@ COMMAND_CASES = [
       "--vocab_size=300"], ["--vocab_size=512"], ["--config."]),
     ("evaluate_no_run", "nitp_jax.evaluate", ["--workdir={t}/none"],
      ["no checkpoint", "--workdir"], []),
+    ("evaluate_dispatch", "nitp_jax.evaluate", ["--workdir={t}/none", "--dispatch=sparse"],
+     ["--dispatch=sparse", "dropless"], []),
     ("export_tokenizer", "nitp_jax.export.hf",
      ["--workdir={t}/none", "--out={t}/hf", "--tokenizer={t}/nope.model"],
      ["--tokenizer."], ["--config."]),
