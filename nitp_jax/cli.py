@@ -12,12 +12,13 @@ so its flags exist only when it runs as a program.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Mapping
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from nitp_jax import errors
+from nitp_jax import flag_names as nitp_flag_names
 
 
 def define_config_flag(help_text: str, lock_config: bool = False) -> None:
@@ -36,6 +37,10 @@ def parse_flags_or_exit(argv: list[str], usage: str) -> list[str]:
     message = errors.one_line(e)
     if "must have a value other than None" in message:
       name = message.split("--", 1)[1].split("=", 1)[0].split(" ", 1)[0]
+      files = [a for a in argv[1:] if not a.startswith("-") and ".py" in a]
+      if name == "config" and files:
+        errors.exit_with(f"--config is required: pass the config file as --config={files[0]} "
+                         "(not as a positional argument)")
       errors.exit_with(f"--{name} is required: use {usage}")
     errors.exit_with(f"bad flag: {message}")
   except Exception as e:  # pylint: disable=broad-except  # a config file or override
@@ -44,11 +49,13 @@ def parse_flags_or_exit(argv: list[str], usage: str) -> list[str]:
 
 
 def run_main(main: Callable[[list[str]], None], define_flags: Callable[[], None], usage: str,
-             positional: bool = False) -> None:
+             positional: bool = False, flag_names: Mapping[str, str] | None = None) -> None:
   """Define the program's flags, parse them, and run `main`; a UserError (or
   an unexpected positional argument, unless `positional`) ends the program
-  with `error: <one line>` and exit status 2."""
+  with `error: <one line>` and exit status 2. `flag_names` maps config fields
+  to the program's own flags, for messages (see `flag_names.flag`)."""
   define_flags()
+  nitp_flag_names.use(flag_names or {}, has_config="config" in flags.FLAGS)
 
   def guarded(argv: list[str]) -> None:
     if len(argv) > 1 and not positional:

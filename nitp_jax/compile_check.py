@@ -32,6 +32,7 @@ from ml_collections import config_flags
 
 from nitp_jax import cli
 from nitp_jax import config as config_lib
+from nitp_jax import fit
 from nitp_jax import jitted
 from nitp_jax import sharding
 from nitp_jax.errors import ConfigError
@@ -106,9 +107,7 @@ def check(cfg: ml_collections.ConfigDict, compile_step: bool = True) -> dict:
       "microbatches": cfg.train.microbatches,
       **({"dispatch": cfg.model.moe.dispatch} if config_lib.is_moe(cfg) else {}),
       "params": sum(math.prod(a.shape) for a in jax.tree.leaves(params)),
-      "param_bytes_per_device": sharding.per_device_bytes(params, shardings["params"]),
-      "opt_state_bytes_per_device": sharding.per_device_bytes(state["opt_state"],
-                                                              shardings["opt_state"]),
+      **fit.state_bytes_per_device(state, shardings),
   }
   start = time.perf_counter()
   lowered = steps.train.lower(state, steps.abstract_batch())
@@ -141,6 +140,9 @@ def memory_report(memory) -> dict[str, int]:
 def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
+  for name in ("devices", "batch", "seq_len"):
+    if f[name].value is not None and f[name].value <= 0:
+      raise ConfigError(f"--{name}={f[name].value} is invalid: must be a positive integer")
   wanted = devices_wanted(f.mesh, f.devices)
   if wanted:
     simulate_devices(wanted)

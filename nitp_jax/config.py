@@ -7,7 +7,9 @@ model needs, so one schema documents all knobs.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+from typing import Any, Iterator
 
 import ml_collections
 
@@ -26,6 +28,7 @@ NITP_VARIANTS = ("nitp", "cosine_regularizer")
 PROJECTORS = ("swiglu", "none")
 HIDDEN_SOURCES = ("after_norm", "before_norm")
 SCHEDULES = ("wsd", "wsd_exp")
+MAX_SEED = 2**31                # seeds are in [0, MAX_SEED): data.seed + step stays < 2**32
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -170,6 +173,35 @@ def _positive(cfg, *fields: str) -> None:
       _fail(f, v, "must be a positive number")
 
 
+def _non_negative(cfg, *fields: str, note: str = "") -> None:
+  for f in fields:
+    v = cfg[f]
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
+      _fail(f, v, f"must be >= 0{note}")
+
+
+def _seed(cfg, field: str) -> None:
+  v = cfg[field]
+  if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < MAX_SEED:
+    _fail(field, v, "must be an integer in [0, 2**31)")
+
+
+def leaves(node: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+  """(dotted field name, value) of every leaf of a ConfigDict."""
+  for key, value in node.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def _finite(cfg) -> None:
+  """No NaN or infinity anywhere: every float field is a finite number."""
+  for field, v in leaves(cfg):
+    if isinstance(v, float) and not math.isfinite(v):
+      _fail(field, v, "must be a finite number")
+
+
 def _choice(cfg, field: str, choices) -> None:
   v = cfg[field]
   if v not in choices:
@@ -188,18 +220,21 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """
   # model_config imports this module (the allowed values).
   from nitp_jax import model_config  # pylint: disable=import-outside-toplevel
+  _finite(cfg)
   model_config.from_config(cfg)
   m, t = cfg.model, cfg.train
   _positive(cfg, "train.steps", "train.global_batch", "train.seq_len",
             "train.microbatches", "train.lr", "train.log_every", "train.eval_every",
-            "train.checkpoint_every", "train.keep_checkpoints", "train.grad_clip")
+            "train.checkpoint_every", "train.keep_checkpoints", "train.grad_clip",
+            "train.eps", "train.eval_batches", "data.prepare_workers")
+  _seed(cfg, "train.seed")
+  _seed(cfg, "data.seed")
   if m.attention_impl == "cudnn" and t.seq_len % 2:
     # cuDNN flash attention turns the document mask into a bias: even length.
     _fail("model.attention_impl", "cudnn", f"needs an even train.seq_len, not "
           f"{t.seq_len} (use 'xla')")
-  if t.peak_flops_per_device < 0:
-    _fail("train.peak_flops_per_device", t.peak_flops_per_device,
-          "must be >= 0 (0 = detect the chip or measure the CPU)")
+  _non_negative(cfg, "train.peak_flops_per_device",
+                note=" (0 = detect the chip or measure the CPU)")
   _choice(cfg, "train.schedule", SCHEDULES)
   if t.seq_len > m.max_seq_len:
     _fail("train.seq_len", t.seq_len,
@@ -207,13 +242,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if t.global_batch % t.microbatches:
     _fail("train.microbatches", t.microbatches,
           f"must divide train.global_batch={t.global_batch}")
-  if t.geometry_every < 0:
-    _fail("train.geometry_every", t.geometry_every, "must be >= 0 (0 = off)")
-  if t.max_skipped_in_a_row < 0:
-    _fail("train.max_skipped_in_a_row", t.max_skipped_in_a_row,
-          "must be >= 0 (0 = stop at the first non-finite step)")
-  if t.warmup_steps < 0:
-    _fail("train.warmup_steps", t.warmup_steps, "must be >= 0")
+  _non_negative(cfg, "train.geometry_every", note=" (0 = off)")
+  _non_negative(cfg, "train.max_skipped_in_a_row",
+                note=" (0 = stop at the first non-finite step)")
+  _non_negative(cfg, "train.warmup_steps", "train.weight_decay")
   if not 0 <= t.decay_fraction <= 1:
     _fail("train.decay_fraction", t.decay_fraction, "must be in [0, 1]")
   if not 0 <= t.final_lr_ratio <= 1:
@@ -222,18 +254,15 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _fail("train.final_lr_ratio", t.final_lr_ratio,
           "must be > 0 with train.schedule='wsd_exp' (exponential decay "
           "cannot reach 0)")
-  if t.weight_decay < 0:
-    _fail("train.weight_decay", t.weight_decay, "must be >= 0")
-  if not (0 <= t.b1 < 1 and 0 <= t.b2 < 1):
-    _fail("train.b1", (t.b1, t.b2), "train.b1 and train.b2 must be in [0, 1)")
+  for beta in ("train.b1", "train.b2"):
+    if not 0 <= cfg[beta] < 1:
+      _fail(beta, cfg[beta], "must be in [0, 1)")
   if not 0 <= cfg.data.val_fraction < 1:
     _fail("data.val_fraction", cfg.data.val_fraction, "must be in [0, 1)")
-  if cfg.data.worker_count < 0:
-    _fail("data.worker_count", cfg.data.worker_count, "must be >= 0")
-  if cfg.data.shuffle_seed != -1 and not 0 <= cfg.data.shuffle_seed < 2**32:
-    _fail("data.shuffle_seed", cfg.data.shuffle_seed, "must be -1 (= data.seed) or in [0, 2**32)")
-  if cfg.data.shuffle_window < 0:
-    _fail("data.shuffle_window", cfg.data.shuffle_window, "must be >= 0 (0 = no shuffle)")
+  _non_negative(cfg, "data.worker_count", note=" (0 = read in this process)")
+  if cfg.data.shuffle_seed != -1:  # -1: data.seed
+    _seed(cfg, "data.shuffle_seed")
+  _non_negative(cfg, "data.shuffle_window", note=" (0 = no shuffle)")
   for axis in ("data", "fsdp", "tensor", "expert"):
     v = cfg.mesh[axis]
     if isinstance(v, bool) or not isinstance(v, int) or (v != -1 and v < 1):

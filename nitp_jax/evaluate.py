@@ -136,9 +136,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_integer("batches", None, "Validation batches of train.global_batch rows "
                        "(default: the run's train.eval_batches).")
-  flags.DEFINE_string("dispatch", None, "MoE dispatch, one of "
-                      f"{', '.join(config_lib.DISPATCHES)} (default: the one the run "
-                      "trained with).")
+  flags.DEFINE_enum("dispatch", None, config_lib.DISPATCHES, "MoE dispatch (default: the "
+                    "one the run trained with).")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ serve configs built by hand in tests and benchmarks; `from_config` sets all.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 import ml_collections
@@ -32,11 +33,22 @@ def _fail(field: str, value, allowed: str) -> None:
   raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}")
 
 
+def _number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _positive(fields: dict[str, object]) -> None:
-  """{config field name: value}: each must be a positive number."""
+  """{config field name: value}: each must be a finite positive number."""
   for name, v in fields.items():
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+    if not _number(v) or v <= 0:
       _fail(name, v, "must be a positive number")
+
+
+def _non_negative(fields: dict[str, object], note: str = "") -> None:
+  """{config field name: value}: each must be a finite number >= 0."""
+  for name, v in fields.items():
+    if not _number(v) or v < 0:
+      _fail(name, v, f"must be >= 0{note}")
 
 
 def _choice(field: str, value, choices) -> None:
@@ -86,27 +98,23 @@ class MoEConfig:
   bias_update_rate: float = 0.0  # γ of auxiliary-loss-free balancing; 0 = off
 
   def __post_init__(self):
-    if self.num_experts < 0:
-      _fail("model.moe.num_experts", self.num_experts, "must be >= 0 (0 = dense)")
+    _non_negative({"model.moe.num_experts": self.num_experts}, " (0 = dense)")
     _positive({"model.moe.top_k": self.top_k, "model.moe.expert_ffn": self.expert_ffn,
                "model.moe.capacity_factor": self.capacity_factor,
                "model.moe.routed_scaling": self.routed_scaling})
     if self.top_k > self.num_experts:
       _fail("model.moe.top_k", self.top_k,
             f"must be <= model.moe.num_experts={self.num_experts}")
-    if self.num_shared_experts < 0:
-      _fail("model.moe.num_shared_experts", self.num_shared_experts, "must be >= 0")
+    _non_negative({"model.moe.num_shared_experts": self.num_shared_experts,
+                   "model.moe.shared_expert_ffn": self.shared_expert_ffn,
+                   "model.moe.aux_loss_weight": self.aux_loss_weight,
+                   "model.moe.z_loss_weight": self.z_loss_weight})
+    _non_negative({"model.moe.bias_update_rate": self.bias_update_rate},
+                  " (0 = no auxiliary-loss-free bias)")
     if self.num_shared_experts:
       _positive({"model.moe.shared_expert_ffn": self.shared_expert_ffn})
     _choice("model.moe.dispatch", self.dispatch, DISPATCHES)
-    if self.aux_loss_weight < 0 or self.z_loss_weight < 0:
-      _fail("model.moe.aux_loss_weight", self.aux_loss_weight,
-            "aux_loss_weight and z_loss_weight must be >= 0")
     _choice("model.moe.balance_loss", self.balance_loss, BALANCE_LOSSES)
-    if (not isinstance(self.bias_update_rate, (int, float)) or isinstance(self.bias_update_rate, bool)
-        or self.bias_update_rate < 0):
-      _fail("model.moe.bias_update_rate", self.bias_update_rate,
-            "must be a number >= 0 (0 = no auxiliary-loss-free bias)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +148,7 @@ class ModelConfig:
                "model.init_std": self.init_std})
     if self.attention.impl == "cudnn":
       self._check_cudnn()
-    if not isinstance(self.ce_chunk, int) or self.ce_chunk < 0:
+    if isinstance(self.ce_chunk, bool) or not isinstance(self.ce_chunk, int) or self.ce_chunk < 0:
       _fail("model.ce_chunk", self.ce_chunk, "must be an int >= 0 (0 = full logits)")
     _choice("model.remat_policy", self.remat_policy, layers.REMAT_POLICIES)
     _choice("model.compute_dtype", self.compute_dtype, layers.DTYPES)
@@ -225,10 +233,8 @@ class NITPConfig:
     _choice("nitp.variant", self.variant, NITP_VARIANTS)
     _choice("nitp.projector", self.projector, PROJECTORS)
     _choice("nitp.hidden_source", self.hidden_source, HIDDEN_SOURCES)
-    if self.weight < 0:
-      _fail("nitp.weight", self.weight, "must be >= 0 (0 = plain next-token prediction)")
-    if self.start_step < 0:
-      _fail("nitp.start_step", self.start_step, "must be >= 0")
+    _non_negative({"nitp.weight": self.weight}, " (0 = plain next-token prediction)")
+    _non_negative({"nitp.start_step": self.start_step})
     _positive({"nitp.projector_mult": self.projector_mult})
 
   @property

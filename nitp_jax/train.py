@@ -21,6 +21,7 @@ from nitp_jax import cli
 from nitp_jax import config as config_lib
 from nitp_jax import distributed
 from nitp_jax import evaluate
+from nitp_jax import fit
 from nitp_jax import jitted
 from nitp_jax import layout
 from nitp_jax import sharding
@@ -82,16 +83,17 @@ class Trainer:
   def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
     self.cfg = config_lib.validate(cfg)
     config_lib.check_trainable(cfg)
+    self.mesh = jitted.mesh_for_config(cfg)
+    self.steps = jitted.build(cfg, self.mesh)
+    fit.check(self.steps)  # before the workdir, the data and the state exist
     self.workdir = layout.make_workdir(workdir)
     t = cfg.train
     self.is_main = jax.process_index() == 0
-    self.mesh = jitted.mesh_for_config(cfg)
     self.data_dir = prepare_data(cfg, self.workdir)
     self.log = MetricsLog(self.workdir, enabled=self.is_main)
     self.train_iter = self._train_iterator(config_lib.order_seed(cfg))
     self.eval_batches = pipeline.make_eval_batches(
         self.data_dir, t.seq_len, t.global_batch, t.eval_batches)
-    self.steps = jitted.build(cfg, self.mesh)
     self.checkpointer = ckpt_lib.Checkpointer(self.workdir, t.keep_checkpoints)
     self._params_finite = jax.jit(step_lib.all_finite)
 
@@ -198,11 +200,12 @@ class Trainer:
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None) -> dict:
-  trainer = Trainer(cfg, workdir)
-  try:
-    return trainer.run(stop_after)
-  finally:
-    trainer.close()
+  with fit.out_of_memory_as_config_error():
+    trainer = Trainer(cfg, workdir)
+    try:
+      return trainer.run(stop_after)
+    finally:
+      trainer.close()
 
 
 def main(argv: list[str]) -> None:

@@ -88,7 +88,7 @@ BAD = [
     ("train.schedule", "cosine", "must be one of wsd, wsd_exp"),
     ("nitp.weight", -1.0, "must be >= 0"),
     ("model.moe.balance_loss", "token", "must be one of batch, sequence, none"),
-    ("model.moe.bias_update_rate", -1e-3, "must be a number >= 0"),
+    ("model.moe.bias_update_rate", -1e-3, "must be >= 0 (0 = no auxiliary-loss-free bias)"),
 ]
 
 

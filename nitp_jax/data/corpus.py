@@ -20,6 +20,7 @@ import sysconfig
 from typing import Iterator
 
 from nitp_jax.errors import DataError
+from nitp_jax.flag_names import flag
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
@@ -99,7 +100,7 @@ class Corpus:
     if self.skipped:
       shown = "; ".join(f"{p}: {r}" for p, r in self.skipped[:3])
       msg += f", {len(self.skipped)} skipped ({shown})"
-    return msg + ". Point --input at text (.txt/.md) or .jsonl files."
+    return msg + f". Point {flag('data.input')} at text (.txt/.md) or .jsonl files."
 
 
 def open_corpus(spec: str, text_field: str = "text") -> Corpus:
@@ -115,7 +116,7 @@ def open_corpus(spec: str, text_field: str = "text") -> Corpus:
     files = sorted(pathlib.Path(p) for p in glob.glob(
         os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
     if not files:
-      raise DataError(f"--input={spec!r}: the glob matches no file. "
+      raise DataError(f"{flag('data.input')}={spec!r}: the glob matches no file. "
                       "Check the pattern (quote it so the shell does not "
                       "expand it).")
     return Corpus(spec, files, direct=False, text_field=text_field)
@@ -125,12 +126,12 @@ def open_corpus(spec: str, text_field: str = "text") -> Corpus:
     files = sorted(p for p in path.rglob("*")
                    if p.is_file() and p.suffix.lower() in DIRECTORY_SUFFIXES)
     if not files:
-      raise DataError(f"--input={spec!r}: the directory has no "
+      raise DataError(f"{flag('data.input')}={spec!r}: the directory has no "
                       f"{'/'.join(DIRECTORY_SUFFIXES)} file. Add text files "
-                      "or point --input at a glob such as 'dir/*.txt'.")
+                      f"or point {flag('data.input')} at a glob such as 'dir/*.txt'.")
     return Corpus(spec, files, direct=False, text_field=text_field)
-  raise DataError(f"--input={spec!r} does not exist. Give an existing file, "
-                  "directory or glob, or an empty --input for the default "
+  raise DataError(f"{flag('data.input')}={spec!r} does not exist. Give an existing file, "
+                  f"directory or glob, or an empty {flag('data.input')} for the default "
                   "corpus.")
 
 
@@ -183,7 +184,7 @@ def _read_file(path: pathlib.Path, text_field: str, direct: bool,
       reason = f"line {lineno} is not valid JSON ({e.msg})"
     except (KeyError, TypeError, IndexError):
       reason = (f"line {lineno} has no string field {text_field!r}; set "
-                "--text_field to the field holding the text")
+                f"{flag('data.text_field')} to the field holding the text")
     else:
       yield doc
       continue

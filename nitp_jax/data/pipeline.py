@@ -42,6 +42,7 @@ import numpy as np
 from grain import experimental as grain_exp
 
 from nitp_jax.errors import DataError
+from nitp_jax.flag_names import flag
 from nitp_jax.data.prepare import load_manifest, shard_paths
 
 Batch = dict[str, np.ndarray]
@@ -99,7 +100,7 @@ def _documents(prepared_dir: str, split: str) -> grain.MapDataset:
   if not paths or not load_manifest(prepared_dir)["documents"][split]:
     raise DataError(f"{prepared_dir!r} has no {split} documents. Prepare it "
                     "again with more documents" +
-                    (" or --config.data.val_fraction > 0."
+                    (f" or {flag('data.val_fraction')} > 0."
                      if split == "validation" else "."))
   source = grain.sources.ArrayRecordDataSource(paths)
   return grain.MapDataset.source(source).map(_decode)
@@ -163,8 +164,8 @@ def make_train_dataset(prepared_dir: str, seq_len: int, global_batch: int,
                   process_count=process_count)
   if global_batch % process_count:
     raise DataError(f"global_batch={global_batch} is not divisible by the "
-                    f"{process_count} processes: set --config.train."
-                    "global_batch to a multiple of the process count.")
+                    f"{process_count} processes: set {flag('train.global_batch')} "
+                    "to a multiple of the process count.")
   if not 0 <= process_index < process_count:
     raise DataError(f"process_index={process_index} is not in "
                     f"[0, process_count={process_count})")

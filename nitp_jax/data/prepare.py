@@ -30,6 +30,7 @@ from nitp_jax import cli
 from nitp_jax.data import tokenizer as tok_lib
 from nitp_jax.data.corpus import Corpus, open_corpus
 from nitp_jax.errors import DataError
+from nitp_jax.flag_names import flag
 from nitp_jax.layout import MANIFEST, TOKENIZER, write_json
 
 FORMAT_VERSION = 1
@@ -38,6 +39,11 @@ SHARD_TOKENS = 1 << 26          # 256 MB of int32 per shard
 CHUNK_CHARS = 4_000_000         # characters tokenized per batch call
 MAX_SKIPPED_LISTED = 100
 WRITER_OPTIONS = "group_size:1"  # fast random access for grain
+# How this command's flags spell the settings that messages name (flag_names).
+FLAG_NAMES = {"data.input": "--input", "data.prepared_dir": "--output",
+              "model.vocab_size": "--vocab_size", "data.tokenizer": "--tokenizer",
+              "data.text_field": "--text_field", "data.val_fraction": "--val_fraction",
+              "data.seed": "--seed", "data.prepare_workers": "--workers"}
 
 
 def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=redefined-builtin  # noqa: E501
@@ -58,9 +64,7 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
     workers: threads that tokenize in parallel.
     max_tokenizer_chars: size of the tokenizer's training sample.
   """
-  if not 0 <= val_fraction < 1:
-    raise DataError(f"val_fraction={val_fraction} is invalid: must be in "
-                    "[0, 1)")
+  _check_arguments(vocab_size, val_fraction, seed, workers)
   corpus = open_corpus(input, text_field)
   inputs = _inputs(corpus, input, text_field, val_fraction, seed, vocab_size,
                    tokenizer_path)
@@ -79,9 +83,14 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
   else:
     sample = _tokenizer_sample(lengths, max_tokenizer_chars, seed)
     docs = (d for i, d in enumerate(corpus) if i in sample)
-    tok_lib.train_tokenizer(docs, vocab_size, model_path[:-len(".model")],
-                            max_chars=max_tokenizer_chars,
-                            num_threads=max(1, workers))
+    try:
+      tok_lib.train_tokenizer(docs, vocab_size, model_path[:-len(".model")],
+                              max_chars=max_tokenizer_chars,
+                              num_threads=max(1, workers))
+    except tok_lib.CorpusTooSmallError as e:
+      if input:
+        raise
+      raise DataError(_default_corpus_too_small(e)) from None
   tokenizer = tok_lib.load_tokenizer(model_path)
   tok_lib.check_fits(tokenizer.vocab_size, vocab_size)
   val = _validation_ids(len(lengths), val_fraction, seed)
@@ -108,6 +117,27 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
   }
   write_json(os.path.join(output_dir, MANIFEST), manifest)
   return manifest
+
+
+def _check_arguments(vocab_size: int, val_fraction: float, seed: int, workers: int) -> None:
+  """DataError naming the first argument out of range."""
+  checks = (("model.vocab_size", vocab_size, vocab_size > 0, "must be a positive integer"),
+            ("data.val_fraction", val_fraction, 0 <= val_fraction < 1, "must be in [0, 1)"),
+            ("data.seed", seed, 0 <= seed < 2**31, "must be an integer in [0, 2**31)"),
+            ("data.prepare_workers", workers, workers > 0, "must be a positive integer"))
+  for field, value, ok, allowed in checks:
+    if not ok:
+      raise DataError(f"{flag(field)}={value} is invalid: {allowed}")
+
+
+def _default_corpus_too_small(e: tok_lib.CorpusTooSmallError) -> str:
+  """A vocabulary the embedded demo corpus cannot serve: the config expects
+  real data (the paper's configs: Qwen2's 152,064-entry vocabulary)."""
+  return (f"{flag('model.vocab_size')}={e.vocab_size} needs a real corpus or a ready "
+          f"tokenizer: the embedded demo corpus (used when {flag('data.input')} is empty) "
+          f"yields at most {e.max_pieces} tokenizer pieces. Pass your documents with "
+          f"{flag('data.input')}=PATH_OR_GLOB (.txt/.md/.jsonl), or a SentencePiece model "
+          f"of at most {e.vocab_size} pieces with {flag('data.tokenizer')}=FILE.model")
 
 
 def ensure_prepared(data_cfg, vocab_size: int, out_dir: str) -> dict[str, Any]:
@@ -172,7 +202,7 @@ def _check_existing(output_dir: str, inputs: dict[str, Any]
                    if old.get(k) != inputs.get(k))
   raise DataError(f"{output_dir!r} already holds data prepared from other "
                   f"inputs ({diff}). Use another output directory "
-                  "(--config.data.prepared_dir=...) or delete this one.")
+                  f"({flag('data.prepared_dir')}=...) or delete this one.")
 
 
 def _clean(output_dir: str) -> None:
@@ -200,7 +230,7 @@ def _validation_ids(num_docs: int, val_fraction: float, seed: int) -> set[int]:
   if num_val >= num_docs:
     raise DataError(f"the corpus has {num_docs} document(s): too few to hold "
                     f"out val_fraction={val_fraction} and still train. Add "
-                    "documents or set --config.data.val_fraction=0.")
+                    f"documents or set {flag('data.val_fraction')}=0.")
   order = np.random.default_rng(seed + 1).permutation(num_docs)
   return set(order[:num_val].tolist())
 
@@ -288,4 +318,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
   cli.run_main(main, define_flags, usage="--input=PATH_OR_GLOB --output=DIR "
-               "[--vocab_size=N] [--tokenizer=FILE.model]")
+               "[--vocab_size=N] [--tokenizer=FILE.model]", flag_names=FLAG_NAMES)

@@ -19,6 +19,7 @@ import sentencepiece as spm
 
 from nitp_jax.data.hf_tokenizer import HFTokenizer
 from nitp_jax.errors import DataError
+from nitp_jax.flag_names import flag
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")
@@ -73,9 +74,8 @@ def load_tokenizer(path: str) -> Tokenizer:
   """Load a SentencePiece .model, or a HuggingFace tokenizer.json (by its
   name); DataError if missing or not that kind of file."""
   if not os.path.isfile(path):
-    raise DataError(f"tokenizer {path!r} does not exist. Pass an existing "
-                    "SentencePiece .model or HuggingFace tokenizer.json file, or none "
-                    "to train one.")
+    raise DataError(f"tokenizer {path!r} does not exist: pass an existing SentencePiece "
+                    f".model or HuggingFace tokenizer.json file to {flag('data.tokenizer')}.")
   if is_hf_json(path):
     return HFTokenizer(path)
   try:
@@ -91,7 +91,7 @@ def check_fits(tokenizer_vocab: int, model_vocab: int) -> None:
     raise DataError(
         f"the tokenizer has {tokenizer_vocab} tokens but the model's "
         f"vocab_size is {model_vocab}: token ids would index past the "
-        f"embedding. Set --config.model.vocab_size={tokenizer_vocab} (or "
+        f"embedding. Set {flag('model.vocab_size')}={tokenizer_vocab} (or "
         "larger), or use a tokenizer with at most "
         f"{model_vocab} tokens.")
 
@@ -138,6 +138,9 @@ def train_tokenizer(text_iter_or_files: Iterable[str | os.PathLike],
         input_sentence_size=0, max_sentence_length=MAX_LINE_BYTES,
         num_threads=num_threads, minloglevel=2)
   except RuntimeError as e:
+    high = re.search(r"value <= (\d+)", str(e))
+    if "too high" in str(e) and high:
+      raise CorpusTooSmallError(vocab_size, int(high.group(1))) from None
     raise DataError(_training_error(str(e), vocab_size)) from None
   return model_prefix + ".model"
 
@@ -157,20 +160,24 @@ def _sample_lines(items: Iterable[str | os.PathLike], max_chars: int
           return
 
 
+class CorpusTooSmallError(DataError):
+  """The text cannot give a tokenizer this many pieces."""
+
+  def __init__(self, vocab_size: int, max_pieces: int):
+    self.vocab_size, self.max_pieces = vocab_size, max_pieces
+    super().__init__(
+        f"the corpus is too small for a tokenizer of vocab_size={vocab_size}: "
+        f"SentencePiece can make at most {max_pieces} pieces from it. Use "
+        f"{flag('model.vocab_size')}={max_pieces}, or a larger corpus.")
+
+
 def _training_error(message: str, vocab_size: int) -> str:
-  """A DataError message for SentencePiece's training failures."""
-  high = re.search(r"value <= (\d+)", message)
-  if "too high" in message and high:
-    return (f"the corpus is too small for a tokenizer of vocab_size="
-            f"{vocab_size}: SentencePiece can make at most {high.group(1)} "
-            f"pieces from it. Use --vocab_size={high.group(1)} (and "
-            f"--config.model.vocab_size={high.group(1)} or more), or a "
-            "larger corpus.")
+  """A DataError message for SentencePiece's other training failures."""
   small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
   if small:
     return (f"vocab_size={vocab_size} is too small: byte fallback, special "
             f"tokens and the corpus's characters need {small.group(2)} "
-            f"pieces. Use --vocab_size={small.group(2)} or more.")
+            f"pieces. Use {flag('model.vocab_size')}={small.group(2)} or more.")
   return f"SentencePiece training failed for vocab_size={vocab_size}: {message}"
 
 

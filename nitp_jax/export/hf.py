@@ -33,6 +33,7 @@ from nitp_jax import cli
 from nitp_jax import config as config_lib
 from nitp_jax import layout
 from nitp_jax import model as model_lib
+from nitp_jax.data import tokenizer as tok_lib
 from nitp_jax.errors import ConfigError, ExportError
 from nitp_jax.layout import write_json
 
@@ -464,6 +465,8 @@ def export_from_params(params: dict, cfg: ml_collections.ConfigDict, out_dir: st
 def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
+  if f.tokenizer:
+    tok_lib.load_tokenizer(f.tokenizer)  # DataError naming --tokenizer, before the restore
   _, cfg, params = ckpt_lib.restore_params(f.workdir, f.step)
   out = export_from_params(params, cfg, f.out, f.workdir, f.tokenizer or None)
   print(f"wrote {ARCHITECTURES[hf_model_type(cfg)]} to {out}")
@@ -478,4 +481,5 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-  cli.run_main(main, define_flags, usage="--workdir=DIR --out=HF_DIR [--step=N]")
+  cli.run_main(main, define_flags, usage="--workdir=DIR --out=HF_DIR [--step=N]",
+               flag_names={"data.tokenizer": "--tokenizer"})
