@@ -14,6 +14,7 @@ def get_config(variant: str = ""):
   c.nitp.target_layer = 1
   c.train.steps, c.train.global_batch, c.train.lr = 200, 8, 3e-3
   c.train.warmup_steps, c.train.eval_every, c.train.checkpoint_every = 20, 100, 100
+  c.train.eval_tasks = "next_line"  # downstream accuracy on held-out stdlib code
   if variant == "moe":
     m.moe.num_experts, m.moe.top_k, m.moe.num_dense_layers = 8, 2, 1
     m.moe.expert_ffn = m.moe.shared_expert_ffn = 256

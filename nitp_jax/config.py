@@ -126,6 +126,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.log_every = 10
   t.eval_every = 100
   t.eval_batches = 4
+  t.eval_tasks = ""             # multiple-choice tasks scored at each eval:
+                                # comma-separated JSONL files (lm-eval's
+                                # context/choices/label) or "next_line" (built
+                                # from the run's held-out documents)
   t.geometry_every = 20         # effective rank / mean cosine on a fixed
                                 # held-out probe batch; 0 = off
   t.checkpoint_every = 100

@@ -5,7 +5,8 @@
 Keys: step, loss (NTP cross-entropy, nats per token) and ppl; nitp and
 nitp_cos (NITP loss and mean cosine of P(h_t) with z_{t+1}) when the run
 trains with NITP; erank_last, cos_last, erank_target, cos_target; tokens
-(valid next-token pairs) and batches.
+(valid next-token pairs) and batches; <task>/acc and <task>/acc_norm for
+each task of the run's train.eval_tasks.
 
 Data: the first N validation batches of the run's prepared data
 (cfg.data.prepared_dir, or <workdir>/data), N = cfg.train.eval_batches by
@@ -38,7 +39,9 @@ from nitp_jax import config as config_lib
 from nitp_jax import jitted
 from nitp_jax import layout
 from nitp_jax import sharding
+from nitp_jax import tasks as tasks_lib
 from nitp_jax.data import pipeline
+from nitp_jax.data import tokenizer as tok_lib
 from nitp_jax.errors import DataError
 
 GEOMETRY_KEYS = ("erank_last", "cos_last", "erank_target", "cos_target")
@@ -72,6 +75,21 @@ def geometry(steps: jitted.Steps, params: dict, batches: list[dict]) -> dict[str
       values[k].append(float(v))
   return {k: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
           for k, v in values.items()}
+
+
+def run_tasks(cfg: ml_collections.ConfigDict, prepared_dir: str) -> list[tasks_lib.Task]:
+  """The downstream tasks of cfg.train.eval_tasks, encoded with the run's
+  tokenizer (none when the field is empty)."""
+  if not cfg.train.eval_tasks:
+    return []
+  tokenizer = tok_lib.load_tokenizer(layout.tokenizer_path(prepared_dir))
+  return tasks_lib.load_tasks(cfg.train.eval_tasks, prepared_dir, tokenizer,
+                              cfg.train.seq_len, cfg.train.global_batch)
+
+
+def task_accuracy(steps: jitted.Steps, params: dict, task: tasks_lib.Task) -> dict[str, float]:
+  """{"<task>/acc", "<task>/acc_norm"} of `params` on a task."""
+  return task.evaluate(steps.score, params, lambda b: _on_mesh(b, steps.mesh))
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -113,6 +131,8 @@ def evaluate_run(workdir: str, step: int | None = None, batches: int | None = No
   steps = jitted.build(cfg, eval_mesh(cfg))
   params = jax.device_put(params, steps.state_shardings["params"])
   result = heldout(steps, params, eval_batches) | geometry(steps, params, eval_batches)
+  for task in run_tasks(cfg, layout.data_dir(cfg, workdir)):
+    result |= task_accuracy(steps, params, task)
   result["loss"] = result.pop("ntp")
   result["tokens"] = int(result["tokens"])
   result["batches"] = len(eval_batches)

@@ -139,6 +139,27 @@ def next_line_task(documents: Sequence[str], num_items: int = 200, num_choices: 
   return items
 
 
+def heldout_next_line(prepared_dir: str, tokenizer, seed: int = 0) -> list[Item]:
+  """The next-line task of a prepared directory's held-out documents."""
+  from nitp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  texts = [tokenizer.decode(ids[ids != tokenizer.eos_id])
+           for ids in pipeline.heldout_documents(prepared_dir)]
+  return next_line_task(texts, seed=seed)
+
+
+def load_tasks(spec: str, prepared_dir: str, tokenizer, seq_len: int, batch: int
+               ) -> list["Task"]:
+  """The tasks of config.train.eval_tasks ("" = none), encoded for scoring."""
+  out = []
+  for name in [n.strip() for n in spec.split(",") if n.strip()]:
+    if name in BUILTIN:
+      items = heldout_next_line(prepared_dir, tokenizer)
+    else:
+      items, name = load_task(name), task_name(name)
+    out.append(Task.build(name, items, tokenizer, seq_len, batch))
+  return out
+
+
 def write_task(items: Sequence[Item], path: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"

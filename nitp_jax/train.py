@@ -94,6 +94,7 @@ class Trainer:
     self.train_iter = self._train_iterator(config_lib.order_seed(cfg))
     self.eval_batches = pipeline.make_eval_batches(
         self.data_dir, t.seq_len, t.global_batch, t.eval_batches)
+    self.tasks = evaluate.run_tasks(cfg, self.data_dir)
     self.checkpointer = ckpt_lib.Checkpointer(self.workdir, t.keep_checkpoints)
     self._params_finite = jax.jit(step_lib.all_finite)
 
@@ -143,8 +144,11 @@ class Trainer:
     if not self.eval_batches:
       return {}
     result = evaluate.heldout(self.steps, state["params"], self.eval_batches)
+    for task in self.tasks:
+      result |= evaluate.task_accuracy(self.steps, state["params"], task)
+    accuracies = "".join(f" | {k} {v:.3f}" for k, v in result.items() if k.endswith("/acc"))
     self.log.info(f"eval step {step} | loss {result['ntp']:.4f} | ppl {result['ppl']:.2f}"
-                  + (f" | nitp {result['nitp']:.4f}" if "nitp" in result else ""))
+                  + (f" | nitp {result['nitp']:.4f}" if "nitp" in result else "") + accuracies)
     self.log.write(step, result, kind="eval")
     return result
 

@@ -90,3 +90,17 @@ def test_written_tasks_load_back(tmp_path):
   path = os.path.join(tmp_path, "next_line.jsonl")
   tasks.write_task(items, path)
   assert tasks.load_task(path) == items and tasks.task_name(path) == "next_line"
+
+
+def test_training_logs_task_accuracy_and_evaluate_agrees(prepared_dir, tmp_path):
+  from nitp_jax import evaluate, train
+  from tests.conftest import train_config
+  cfg = train_config(prepared_dir, steps=2, eval_every=2, checkpoint_every=2, geometry_every=0)
+  cfg.train.eval_tasks = "next_line"
+  train.run(cfg, str(tmp_path))
+  with open(tmp_path / "metrics.jsonl") as f:
+    last_eval = [r for r in map(json.loads, f) if r["kind"] == "eval"][-1]
+  assert 0 <= last_eval["next_line/acc"] <= 1 and 0 <= last_eval["next_line/acc_norm"] <= 1
+  result = evaluate.evaluate_run(str(tmp_path))
+  assert result["next_line/acc"] == last_eval["next_line/acc"]
+  assert result["next_line/acc_norm"] == last_eval["next_line/acc_norm"]

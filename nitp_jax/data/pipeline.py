@@ -106,6 +106,11 @@ def _documents(prepared_dir: str, split: str) -> grain.MapDataset:
   return grain.MapDataset.source(source).map(_decode)
 
 
+def heldout_documents(prepared_dir: str) -> list[np.ndarray]:
+  """The validation split's documents (int32 token ids, EOS last), in order."""
+  return list(_documents(prepared_dir, "validation"))
+
+
 def _pack_and_batch(docs: grain.IterDataset, seq_len: int, batch: int,
                     shuffle_window: int = 0, seed: int = 0) -> grain.IterDataset:
   """Split long documents, shuffle the pieces within windows of
