@@ -137,6 +137,7 @@ def evaluate_run(workdir: str, step: int | None = None, batches: int | None = No
   result["tokens"] = int(result["tokens"])
   result["batches"] = len(eval_batches)
   order = ["loss", "ppl", "nitp", "nitp_cos", *GEOMETRY_KEYS, "tokens", "batches"]
+  order += sorted(k for k in result if "/acc" in k)
   ordered = {k: result[k] for k in order if k in result}
   moe = {"dispatch": cfg.model.moe.dispatch} if config_lib.is_moe(cfg) else {}
   return {"workdir": os.path.abspath(workdir), "step": step, **moe,
