@@ -17,14 +17,24 @@ well under a microsecond and synchronizes nothing. Hence:
 - SIGINT, which JAX ignores, is forwarded: our handler sends this process a
   SIGTERM, so a Ctrl-C on any process stops them all at one step, exactly
   like a preemption notice;
-- the sync point is given the number of steps taken in this run (1, 2, ...),
-  not the global step: JAX's counter starts at 0, so a notice during start-up
-  (restore, compile) sets the sync point to 1, the run's first step. With
-  global step numbers a resumed run would never reach it.
+- the sync point is max(last step id each process passed) + 1. We pass the
+  global step, as Orbax's CheckpointManager does from its save path (it
+  calls the same function with the step it saves), so the ids agree.
+- start-up: a process that has not called yet has passed 0, so a notice
+  during restore or compile sets the sync point to 1, which a resumed run
+  never reaches. So the guard's first call (it must be the process's first)
+  asks about step 1, True meaning exactly that case, and then reports the
+  start step. The answer is the same on every process: the point is computed
+  from all processes' reported steps, and a call waits while the protocol
+  runs. After such a notice every process stops after its first step.
 
-A notice that arrives too late for the sync point (after the last step)
-simply lets the run finish. With `jax_enable_preemption_service` turned off
-there is nothing to agree through: signals keep their default behaviour.
+A notice too late for the sync point (after the last step) lets the run
+finish. Not guaranteed: Orbax's async finalize thread reports the saved step
+again when the write completes; a notice whose protocol catches every process
+between that and its next step gets a sync point already passed, and the run
+goes on until it is killed (it resumes from the last checkpoint). With
+`jax_enable_preemption_service` off there is nothing to agree through:
+signals keep their default behaviour.
 """
 
 from __future__ import annotations
@@ -38,16 +48,17 @@ from jax.experimental import multihost_utils
 
 
 class PreemptionGuard:
-  """Context manager for the training loop; call `requested()` once per step
-  on every process: True (on all of them at the same step) means save and
-  exit."""
+  """Context manager for a training loop that starts after `start_step`;
+  call `requested(step)` after each step on every process: True (on all of
+  them at the same step) means save and exit."""
 
-  def __init__(self):
+  def __init__(self, start_step: int = 0):
     self.signal_name: str | None = None  # the signal this process got, if any
+    self._start_step = start_step
     self._previous = {}
-    self._steps = 0
     self._multi = False
     self._enabled = True
+    self._notice_at_start_up = False
 
   @property
   def reason(self) -> str:
@@ -64,6 +75,9 @@ class PreemptionGuard:
     signals = (signal.SIGINT,) if self._multi else (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
       self._previous[sig] = signal.signal(sig, self._handle)
+    if self._multi:
+      self._notice_at_start_up = multihost_utils.reached_preemption_sync_point(1)
+      multihost_utils.reached_preemption_sync_point(self._start_step)
     return self
 
   def _handle(self, signum, frame):
@@ -73,14 +87,15 @@ class PreemptionGuard:
     if self._multi:  # hand it to JAX's SIGTERM handler: every process learns of it
       os.kill(os.getpid(), signal.SIGTERM)
 
-  def requested(self) -> bool:
+  def requested(self, step: int) -> bool:
     """True once this process (single-process run) or any process (JAX's
     sync point) got a signal. Never blocks except once, when a notice
     arrives in a multi-process run."""
-    self._steps += 1
     if not self._multi:
       return self.signal_name is not None
-    return self._enabled and multihost_utils.reached_preemption_sync_point(self._steps)
+    if not self._enabled:
+      return False
+    return multihost_utils.reached_preemption_sync_point(step) or self._notice_at_start_up
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():

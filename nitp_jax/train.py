@@ -128,14 +128,14 @@ class Trainer:
     self.log.info(f"training steps {start}..{end} of {t.steps} on {jax.device_count()} "
                   f"device(s), mesh {dict(self.mesh.shape)}; results in {self.workdir}")
     pending, last_eval, step = None, {}, start
-    with preemption.PreemptionGuard() as guard:
+    with preemption.PreemptionGuard(start) as guard:
       for step in range(start + 1, end + 1):
         batch = sharding.global_batch(next(self.train_iter), self.mesh)
         state, metrics = self.steps.train(state, batch)
         if pending is not None:
           self._report(*pending, throughput)
         pending = (step, metrics)
-        preempted = guard.requested()
+        preempted = guard.requested(step)
         if step % t.checkpoint_every == 0 or step == end or preempted:
           self._report(*pending, throughput)
           pending = None

@@ -95,10 +95,11 @@ distributed.maybe_initialize(coordinator_address=sys.argv[1], num_processes=2,
                              process_id=int(sys.argv[2]))
 print("initialized", flush=True)
 time.sleep(float(sys.argv[3]))  # start-up (restore, compile): a notice may arrive here
-with preemption.PreemptionGuard() as guard:
-  for step in range(1, 400):
+start = 5  # a resumed run
+with preemption.PreemptionGuard(start) as guard:
+  for step in range(start + 1, 400):
     print("step", step, flush=True)
-    if guard.requested():
+    if guard.requested(step):
       print("stop", step, guard.reason, flush=True)
       break
     time.sleep(0.05)
@@ -137,18 +138,18 @@ def start_guard_processes(startup_s: float, log_dir) -> list[GuardProcess]:
 
 def test_a_signal_on_one_process_stops_both_at_one_step(tmp_path):
   """SIGINT (which JAX ignores) on process 0 mid-loop; SIGTERM on both during
-  start-up, before the loop, which must stop at the run's first step."""
+  the start-up of a resumed run, which must stop after its first step."""
   ctrl_c, early = start_guard_processes(0.0, tmp_path), start_guard_processes(6.0, tmp_path)
   try:
     for p in early:
       p.wait_for("initialized")
       p.proc.send_signal(signal.SIGTERM)
-    ctrl_c[0].wait_for("step 5")
+    ctrl_c[0].wait_for("step 9")
     ctrl_c[0].proc.send_signal(signal.SIGINT)
     a, b = (p.stop_line().split(maxsplit=2) for p in ctrl_c)
-    assert a[1] == b[1] and int(a[1]) > 5, (a, b)
+    assert a[1] == b[1] and int(a[1]) > 9, (a, b)
     assert (a[2], b[2]) == ("SIGINT", "preemption notice")
-    assert [p.stop_line() for p in early] == ["stop 1 preemption notice"] * 2
+    assert [p.stop_line() for p in early] == ["stop 6 preemption notice"] * 2
   finally:
     for p in ctrl_c + early:
       p.proc.kill()
@@ -182,10 +183,22 @@ def logged_step(workdir) -> int:
     return 0
 
 
+def saved_step(log: str) -> int:
+  """The step of the last 'preemption notice received' line in a log."""
+  assert "preemption notice received: checkpoint of step" in log, log[-3000:]
+  return int(log.split("checkpoint of step ")[-1].split()[0])
+
+
 def test_sigterm_on_one_process_checkpoints_both_and_resumes_bitwise(prepared_dir, tmp_path):
+  """A preemption notice on one process mid-run; the rerun completes, equal to
+  an uninterrupted run. (A notice while a resumed run starts up is tested
+  above, on the guard alone: each two-process training launch costs ~30 s of
+  CPU.)"""
   steps = 16
   config = tmp_path / "config.py"
-  config.write_text(CONFIG.format(prepared=prepared_dir, steps=steps))
+  config.write_text(CONFIG.format(prepared=prepared_dir, steps=steps).replace(
+      f"checkpoint_every={steps}, eval_batches=2", "checkpoint_every=4, eval_batches=1, "
+      "geometry_every=0"))
   whole, parts = tmp_path / "whole", tmp_path / "parts"
   for d in (whole, parts):
     d.mkdir()
@@ -198,12 +211,10 @@ def test_sigterm_on_one_process_checkpoints_both_and_resumes_bitwise(prepared_di
       assert time.time() < deadline and all(p.poll() is None for p in run), "no step 1"
       time.sleep(0.01)
     run[1].send_signal(signal.SIGTERM)  # the worker that logs nothing
-    out = finish(run, parts)
-    assert "preemption notice received: checkpoint of step" in out, out[-3000:]
-    saved = int(out.split("checkpoint of step ")[1].split()[0])
+    saved = saved_step(finish(run, parts))
     assert 1 < saved < steps and os.path.isdir(parts / "run" / "checkpoints" / str(saved))
-    started += (rerun := start_two(str(config), str(parts / "run"), parts))
-    assert f"done: step {steps}" in finish(rerun, parts)
+    started += (run := start_two(str(config), str(parts / "run"), parts))
+    assert f"done: step {steps}" in finish(run, parts)
     assert f"done: step {steps}" in finish(reference, whole)
   finally:
     for p in started:

@@ -14,9 +14,9 @@ from nitp_jax import preemption
 def test_one_process_stops_after_the_step_and_restores_handlers(sig):
   before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
   with preemption.PreemptionGuard() as guard:
-    assert not guard.requested() and guard.reason == "preemption notice"
+    assert not guard.requested(1) and guard.reason == "preemption notice"
     os.kill(os.getpid(), sig)  # Python runs the handler before the next line
-    assert guard.requested() and guard.reason == sig.name
+    assert guard.requested(2) and guard.reason == sig.name
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), sig)
   assert {s: signal.getsignal(s) for s in before} == before
