@@ -13,13 +13,13 @@
 # needs Python >= 3.11 ($PYTHON on the workers, default python3). --workdir
 # must outlive the VM and, with several workers, be shared by all of them:
 # a gs:// bucket (checkpoints are written by all processes together).
-# --auto_resume (for --spot or other preemptible capacity): when a step fails
-# and the VM was preempted (state PREEMPTED) or is gone, delete and recreate
-# it and rerun the same command, which resumes from the newest checkpoint in
-# --workdir; at most --max_restarts times (default 10). Other failures are not
-# retried. Logs land in DIR/logs/<worker hostname>.log (default
-# runs/tpu_logs). The VM is deleted at the end, also after a failure, unless
-# --keep. --dry-run prints the commands instead of running them.
+# --auto_resume (for --spot or other preemptible capacity): when copying,
+# setup or training fails and the VM was preempted (state PREEMPTED) or is
+# gone, delete and recreate it and rerun the same command, which resumes from
+# the newest checkpoint in --workdir; at most --max_restarts times (default
+# 10). Other failures are not retried. Logs (of the last VM) land in
+# DIR/logs/<worker hostname>.log (default runs/tpu_logs). The VM is deleted at
+# the end, also after a failure, unless --keep. --dry-run prints the commands.
 set -euo pipefail
 
 usage() { sed -n '2,22s/^# \{0,1\}//p' "$0"; }
