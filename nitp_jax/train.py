@@ -8,11 +8,8 @@ Rerunning the same command resumes from the latest checkpoint in --workdir.
 
 from __future__ import annotations
 
-import signal
-
 import jax
 import ml_collections
-import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
@@ -24,44 +21,12 @@ from nitp_jax import evaluate
 from nitp_jax import fit
 from nitp_jax import jitted
 from nitp_jax import layout
+from nitp_jax import preemption
 from nitp_jax import sharding
 from nitp_jax import step as step_lib
 from nitp_jax.data import pipeline, prepare
 from nitp_jax.errors import NonFiniteLossError
 from nitp_jax.metrics_log import MetricsLog, Throughput, console_line
-
-
-class PreemptionGuard:
-  """Turns SIGTERM / SIGINT into a request to checkpoint and exit cleanly
-  after the current step (a second signal interrupts at once)."""
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.signal_name = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in self.SIGNALS:
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    if self.signal_name is not None:
-      signal.default_int_handler(signum, frame)
-    self.signal_name = signal.Signals(signum).name
-
-  def requested(self) -> bool:
-    """True on every process once any process got a signal."""
-    local = self.signal_name is not None
-    if jax.process_count() == 1:
-      return local
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    return bool(np.any(multihost_utils.process_allgather(np.array(local))))
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> str:
@@ -170,21 +135,21 @@ class Trainer:
     self.log.info(f"training steps {start}..{end} of {t.steps} on {jax.device_count()} "
                   f"device(s), mesh {dict(self.mesh.shape)}; results in {self.workdir}")
     pending, last_eval, step = None, {}, start
-    with PreemptionGuard() as guard:
+    with preemption.PreemptionGuard(start) as guard:
       for step in range(start + 1, end + 1):
         batch = sharding.global_batch(next(self.train_iter), self.mesh)
         state, metrics = self.steps.train(state, batch)
         if pending is not None:
           self._report(*pending, throughput)
         pending = (step, metrics)
-        preempted = guard.requested()
+        preempted = guard.requested(step)
         if step % t.checkpoint_every == 0 or step == end or preempted:
           self._report(*pending, throughput)
           pending = None
           self.save(state, step)
         if preempted:
           self.checkpointer.wait()
-          self.log.info(f"{guard.signal_name or 'preemption'} received: checkpoint of step "
+          self.log.info(f"{guard.reason} received: checkpoint of step "
                         f"{step} saved in {self.checkpointer.directory}; rerun the same "
                         "command to resume")
           return {"step": step, "eval": last_eval, "preempted": True}

@@ -218,3 +218,74 @@ def test_tpu_vm_keep_leaves_the_vm(tmp_path, fake_path):
 def test_tpu_vm_requires_its_settings():
   out = launch("tpu_vm.sh", "--zone=z", "--", "--config=configs/tiny.py")
   assert out.returncode == 2 and "--name=... is required" in out.stderr
+
+
+# ---- tpu_vm.sh --auto_resume: a fake gcloud whose VM is taken away ----
+
+# Each `create` makes a READY VM; the first trainings fail as a preemption
+# does, leaving the VM in the state listed in $LOSSES (one word per failure:
+# PREEMPTED, or GONE: describe then answers NOT_FOUND); `describe` reports.
+FAKE_TPU = """
+state="$CALLS.state"; trains="$CALLS.trains"
+case "$*" in
+  *" create "*) echo READY > "$state" ;;
+  *" describe "*)
+    if [[ $(cat "$state") == GONE ]]; then echo "ERROR: (gcloud) NOT_FOUND: no such node" >&2; exit 1; fi
+    cat "$state" ;;
+  *nitp_jax.train*)
+    n=$(( $(cat "$trains" 2>/dev/null || echo 0) + 1 )); echo "$n" > "$trains"
+    read -ra losses <<< "$LOSSES"
+    if (( n <= ${#losses[@]} )); then
+      loss=${losses[n-1]}
+      if [[ $loss == FAILS ]]; then exit 1; fi
+      echo "$loss" > "$state"; exit 255
+    fi ;;
+esac
+"""
+RESUME_ARGS = ("--auto_resume", *TPU_ARGS[:-1], "--workdir=gs://b/runs/my run")
+RESUME_TRAIN = TRAIN.replace("/mnt/gcs/runs/my", "gs://b/runs/my")
+CREATE, COPY, SETUP, _, LOGS, DELETE = GCLOUD_CALLS
+ATTEMPT = [COPY, SETUP, f"{TPU} ssh nitp-a --worker=all {WHERE} {RESUME_TRAIN}"]
+DESCRIBE = f"{TPU} describe nitp-a {WHERE} --format=value\\(state\\)"
+
+
+def auto_resume(tmp_path, fake_path, losses: str, *args: str) -> subprocess.CompletedProcess:
+  fake(tmp_path / "bin", "gcloud", FAKE_TPU)
+  return launch("tpu_vm.sh", *args, *RESUME_ARGS,
+                env=dict(fake_path, PYTHON="python3", LOSSES=losses), cwd=tmp_path)
+
+
+def test_tpu_vm_auto_resume_recreates_a_preempted_or_vanished_vm(tmp_path, fake_path):
+  out = auto_resume(tmp_path, fake_path, "PREEMPTED GONE")
+  assert out.returncode == 0, out.stderr
+  assert recorded(tmp_path) == [
+      CREATE, *ATTEMPT, DESCRIBE, DELETE,  # preempted: delete it, then a new one
+      CREATE, *ATTEMPT, DESCRIBE,          # gone: nothing to delete
+      CREATE, *ATTEMPT, LOGS, DELETE]
+  assert "nitp-a was preempted: recreating it (restart 1 of at most 10)" in out.stderr
+  assert "nitp-a was gone: recreating it (restart 2 of at most 10)" in out.stderr
+  assert "warning" not in out.stderr
+  dry = launch("tpu_vm.sh", "--dry-run", *RESUME_ARGS, env={"PYTHON": "python3"})
+  assert dry.returncode == 0 and dry.stdout.splitlines()[2:] == [
+      CREATE, *ATTEMPT, LOGS, DELETE], dry.stdout
+
+
+def test_tpu_vm_auto_resume_does_not_retry_a_real_failure(tmp_path, fake_path):
+  out = auto_resume(tmp_path, fake_path, "FAILS")
+  assert out.returncode == 1 and "recreating" not in out.stderr
+  assert recorded(tmp_path) == [CREATE, *ATTEMPT, DESCRIBE, LOGS, DELETE]
+
+
+def test_tpu_vm_auto_resume_stops_after_max_restarts(tmp_path, fake_path):
+  out = auto_resume(tmp_path, fake_path, "PREEMPTED PREEMPTED PREEMPTED", "--max_restarts=1")
+  assert out.returncode == 255
+  assert "nitp-a was preempted again after 1 restarts (--max_restarts=1)" in out.stderr
+  assert recorded(tmp_path) == [CREATE, *ATTEMPT, DESCRIBE, DELETE,
+                                CREATE, *ATTEMPT, DESCRIBE, LOGS, DELETE]
+
+
+def test_tpu_vm_auto_resume_warns_about_a_workdir_on_the_vm():
+  out = launch("tpu_vm.sh", "--dry-run", "--auto_resume", *TPU_ARGS, env={"PYTHON": "python3"})
+  assert out.returncode == 0 and "--workdir=gs://" in out.stderr
+  bad = launch("tpu_vm.sh", "--max_restarts=x", *TPU_ARGS)
+  assert bad.returncode == 2 and "--max_restarts=x must be" in bad.stderr

@@ -7,15 +7,20 @@ The two-process run uses a hybrid mesh (fsdp across the processes as a DCN
 factor, tensor inside each) and writes one checkpoint together; the
 one-process reference (`python -m tests.test_multiprocess`) has the same
 mesh shape and reads each process's rows of every batch.
+
+A preemption notice (SIGTERM) or Ctrl-C (SIGINT) on any one process stops
+all of them at one step through JAX's preemption sync point.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -78,6 +83,147 @@ def test_two_processes_log_the_same_losses_as_one(prepared_dir, tmp_path):
   worker_log = (logs / "process_1.log").read_text()
   assert "step 1/" not in worker_log  # only process 0 logs
   assert "done: step 3" in (logs / "process_0.log").read_text()
+
+
+# ---- preemption: every process stops at the same step ----
+
+
+GUARD_PROCESS = """\
+import sys, time
+from nitp_jax import distributed, preemption
+distributed.maybe_initialize(coordinator_address=sys.argv[1], num_processes=2,
+                             process_id=int(sys.argv[2]))
+print("initialized", flush=True)
+time.sleep(float(sys.argv[3]))  # start-up (restore, compile): a notice may arrive here
+start = 5  # a resumed run
+with preemption.PreemptionGuard(start) as guard:
+  for step in range(start + 1, 400):
+    print("step", step, flush=True)
+    if guard.requested(step):
+      print("stop", step, guard.reason, flush=True)
+      break
+    time.sleep(0.05)
+"""
+
+
+class GuardProcess:
+  """One of two processes running GUARD_PROCESS, its output in a file."""
+
+  def __init__(self, address: str, process_id: int, startup_s: float, log_dir):
+    self.log = log_dir / f"guard_{address.split(':')[1]}_{process_id}.log"
+    with open(self.log, "w", encoding="utf-8") as out:
+      self.proc = subprocess.Popen(
+          [sys.executable, "-c", GUARD_PROCESS, address, str(process_id), str(startup_s)],
+          cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=out,
+          stderr=subprocess.STDOUT)
+
+  def wait_for(self, line: str, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while line not in self.log.read_text().splitlines():
+      assert self.proc.poll() is None and time.time() < deadline, self.log.read_text()[-3000:]
+      time.sleep(0.01)
+
+  def stop_line(self) -> str:
+    """`stop STEP REASON`, once the process has exited 0."""
+    assert self.proc.wait(timeout=120) == 0, self.log.read_text()[-3000:]
+    stopped = [l for l in self.log.read_text().splitlines() if l.startswith("stop ")]
+    assert stopped, self.log.read_text()[-3000:]
+    return stopped[0]
+
+
+def start_guard_processes(startup_s: float, log_dir) -> list[GuardProcess]:
+  address = f"127.0.0.1:{free_port()}"
+  return [GuardProcess(address, i, startup_s, log_dir) for i in range(2)]
+
+
+def test_a_signal_on_one_process_stops_both_at_one_step(tmp_path):
+  """SIGINT (which JAX ignores) on process 0 mid-loop; SIGTERM on both during
+  the start-up of a resumed run, which must stop after its first step."""
+  ctrl_c, early = start_guard_processes(0.0, tmp_path), start_guard_processes(6.0, tmp_path)
+  try:
+    for p in early:
+      p.wait_for("initialized")
+      p.proc.send_signal(signal.SIGTERM)
+    ctrl_c[0].wait_for("step 9")
+    ctrl_c[0].proc.send_signal(signal.SIGINT)
+    a, b = (p.stop_line().split(maxsplit=2) for p in ctrl_c)
+    assert a[1] == b[1] and int(a[1]) > 9, (a, b)
+    assert (a[2], b[2]) == ("SIGINT", "preemption notice")
+    assert [p.stop_line() for p in early] == ["stop 6 preemption notice"] * 2
+  finally:
+    for p in ctrl_c + early:
+      p.proc.kill()
+
+
+def start_two(config: str, workdir: str, log_dir) -> list[subprocess.Popen]:
+  """The two processes launch/local.sh starts, as children we can signal."""
+  address = f"--coordinator_address=127.0.0.1:{free_port()}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"{FAST_XLA} --xla_force_host_platform_device_count=2")
+  procs = []
+  for i in range(2):
+    with open(log_dir / f"process_{i}.log", "a", encoding="utf-8") as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, "-m", "nitp_jax.train", f"--config={config}", f"--workdir={workdir}",
+           address, "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=env,
+          stdout=log, stderr=subprocess.STDOUT))
+  return procs
+
+
+def finish(procs: list[subprocess.Popen], log_dir) -> str:
+  for i, p in enumerate(procs):
+    assert p.wait(timeout=300) == 0, (log_dir / f"process_{i}.log").read_text()[-3000:]
+  return (log_dir / "process_0.log").read_text()
+
+
+def logged_step(workdir) -> int:
+  try:
+    return max((r["step"] for r in read_metrics(str(workdir), "train")), default=0)
+  except (OSError, ValueError):
+    return 0
+
+
+def saved_step(log: str) -> int:
+  """The step of the last 'preemption notice received' line in a log."""
+  assert "preemption notice received: checkpoint of step" in log, log[-3000:]
+  return int(log.split("checkpoint of step ")[-1].split()[0])
+
+
+def test_sigterm_on_one_process_checkpoints_both_and_resumes_bitwise(prepared_dir, tmp_path):
+  """A preemption notice on one process mid-run; the rerun completes, equal to
+  an uninterrupted run. (A notice while a resumed run starts up is tested
+  above, on the guard alone: each two-process training launch costs ~30 s of
+  CPU.)"""
+  steps = 16
+  config = tmp_path / "config.py"
+  config.write_text(CONFIG.format(prepared=prepared_dir, steps=steps).replace(
+      f"checkpoint_every={steps}, eval_batches=2", "checkpoint_every=4, eval_batches=1, "
+      "geometry_every=0"))
+  whole, parts = tmp_path / "whole", tmp_path / "parts"
+  for d in (whole, parts):
+    d.mkdir()
+  reference = start_two(str(config), str(whole / "run"), whole)
+  run = start_two(str(config), str(parts / "run"), parts)
+  started = reference + run
+  try:
+    deadline = time.time() + 300
+    while logged_step(parts / "run") < 1:
+      assert time.time() < deadline and all(p.poll() is None for p in run), "no step 1"
+      time.sleep(0.01)
+    run[1].send_signal(signal.SIGTERM)  # the worker that logs nothing
+    saved = saved_step(finish(run, parts))
+    assert 1 < saved < steps and os.path.isdir(parts / "run" / "checkpoints" / str(saved))
+    started += (run := start_two(str(config), str(parts / "run"), parts))
+    assert f"done: step {steps}" in finish(run, parts)
+    assert f"done: step {steps}" in finish(reference, whole)
+  finally:
+    for p in started:
+      p.kill()
+
+  a, b = read_metrics(str(whole / "run"), "train"), read_metrics(str(parts / "run"), "train")
+  assert [r["step"] for r in b] == list(range(1, steps + 1))
+  for key in ("loss", "ntp", "nitp", "grad_norm", "lr"):
+    assert [r[key] for r in a] == [r[key] for r in b], key
 
 
 # ---- how a process learns it is one of several ----
