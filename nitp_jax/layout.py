@@ -25,6 +25,7 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
+TOKENIZER_JSON = "tokenizer.json"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -45,7 +46,10 @@ def data_dir(cfg: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def tokenizer_path(prepared_dir: str) -> str:
-  return os.path.join(prepared_dir, TOKENIZER)
+  """The prepared data's tokenizer: tokenizer.json if it has one, else
+  tokenizer.model."""
+  json_path = os.path.join(prepared_dir, TOKENIZER_JSON)
+  return json_path if os.path.isfile(json_path) else os.path.join(prepared_dir, TOKENIZER)
 
 
 def run_tokenizer(cfg: ml_collections.ConfigDict, workdir: str | None) -> str | None:

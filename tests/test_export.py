@@ -254,6 +254,42 @@ def test_tokenizer_loads_in_transformers_and_matches_sentencepiece(sp_model, tmp
     assert theirs.decode(ids) == text
 
 
+NO_SENTENCEPIECE = """
+import sys
+sys.modules["sentencepiece"] = None  # as on a machine without it
+import transformers
+tok = transformers.AutoTokenizer.from_pretrained(sys.argv[1])
+print(tok("über naïve\\n\\ttab  two")["input_ids"])
+"""
+
+
+def test_exported_tokenizer_needs_no_sentencepiece(sp_model, tmp_path):
+  import subprocess
+  import sys
+  from nitp_jax.data import tokenizer as tok_lib
+  cfg = _config(*CASES["llama_tied"])
+  cfg.model.vocab_size = 300
+  out = hf.export_hf(_random_params(cfg), cfg, str(tmp_path), tokenizer_path=sp_model)
+  proc = subprocess.run([sys.executable, "-c", NO_SENTENCEPIECE, out], capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  ids = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert ids == tok_lib.load_tokenizer(sp_model).encode("über naïve\n\ttab  two")
+
+
+def test_a_tokenizer_json_run_exports_the_same_tokenizer(tmp_path):
+  from tests.test_tokenizers import build_bpe_json
+  path = build_bpe_json(tmp_path / "tok", vocab_size=300)
+  cfg = _config(*CASES["qwen2_tied"])
+  cfg.model.vocab_size = 320  # padded past the tokenizer's 300, as Qwen2's 152,064
+  out = hf.export_hf(_random_params(cfg), cfg, str(tmp_path / "hf"), tokenizer_path=path)
+  with open(path) as a, open(os.path.join(out, hf.TOKENIZER_JSON)) as b:
+    assert a.read() == b.read()
+  theirs = transformers.AutoTokenizer.from_pretrained(out)
+  assert theirs.eos_token == "<|endoftext|>" and theirs("def f(x):")["input_ids"] == \
+      __import__("tokenizers").Tokenizer.from_file(path).encode("def f(x):").ids
+
+
 def test_export_from_workdir_uses_the_run_tokenizer(sp_model, tmp_path):
   """The CLI path exports with the tokenizer found in <workdir>/data/."""
   cfg = _config(*CASES["llama_untied"])
@@ -264,5 +300,5 @@ def test_export_from_workdir_uses_the_run_tokenizer(sp_model, tmp_path):
   with open(sp_model, "rb") as a, open(workdir / "data" / hf.TOKENIZER, "wb") as b:
     b.write(a.read())
   out = hf.export_from_params(params, cfg, str(tmp_path / "hf"), str(workdir))
-  assert sorted(os.listdir(out)) == sorted([hf.CONFIG, hf.WEIGHTS, hf.TOKENIZER,
+  assert sorted(os.listdir(out)) == sorted([hf.CONFIG, hf.WEIGHTS, hf.TOKENIZER_JSON,
                                             hf.TOKENIZER_CONFIG])

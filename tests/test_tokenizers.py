@@ -35,6 +35,7 @@ def build_bpe_json(directory, vocab_size: int = 600, specials=(EOT, "<|pad|>")) 
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator(_texts(), trainer)
+  os.makedirs(directory, exist_ok=True)
   path = os.path.join(str(directory), "tokenizer.json")
   tok.save(path)
   return path
@@ -118,3 +119,28 @@ def test_only_nitp_style_sentencepiece_models_convert(tmp_path):
                                  vocab_size=300, model_type="unigram", minloglevel=2)
   with pytest.raises(DataError, match="only SentencePiece BPE models"):
     hf_tokenizer.from_sentencepiece(str(tmp_path / "u.model"))
+
+
+def test_training_on_a_tokenizer_json_with_a_padded_vocabulary(tmp_path):
+  from nitp_jax import train
+  from nitp_jax.data import pipeline
+  from tests.conftest import CORPUS_GLOB, train_config
+  path = build_bpe_json(tmp_path / "tok", vocab_size=600, specials=(EOT, "<|im_end|>"))
+  (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+  cfg = train_config(str(tmp_path / "prepared"), steps=2, eval_every=2, checkpoint_every=2)
+  cfg.data.input, cfg.data.tokenizer, cfg.model.vocab_size = CORPUS_GLOB, path, 640
+  result = train.run(cfg, str(tmp_path / "run"))
+  assert result["step"] == 2 and np.isfinite(result["eval"]["ntp"])
+  with open(tmp_path / "prepared" / "manifest.json") as f:
+    manifest = json.load(f)["tokenizer"]
+  assert manifest["kind"] == "huggingface" and manifest["file"] == "tokenizer.json"
+  assert manifest["eos_id"] == 1 and manifest["vocab_size"] == 600
+  tok = tok_lib.load_tokenizer(str(tmp_path / "prepared" / "tokenizer.json"))
+  assert tok.eos_id == 1  # its tokenizer_config.json came along
+  doc = pipeline.heldout_documents(str(tmp_path / "prepared"))[0]
+  assert doc[-1] == tok.eos_id and tok.decode(doc[:-1]) in "".join(
+      open(p, encoding="utf-8").read() for p in sorted(glob.glob(CORPUS_GLOB)))
+  cfg.model.vocab_size = 500
+  with pytest.raises(DataError, match="the tokenizer has 600 tokens but the model's vocab_size "
+                     "is 500"):
+    train.run(cfg, str(tmp_path / "run_small"))

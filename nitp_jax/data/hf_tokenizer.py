@@ -61,6 +61,7 @@ class HFTokenizer:
     self.bos_id = self._find("bos", names.get("bos"), BOS_NAMES)
     pad = self._find("pad", names.get("pad"), PAD_NAMES)
     self.pad_id = self.eos_id if pad is None else pad
+    self.unk_id = self._find("unk", names.get("unk"), ("<unk>", "[UNK]"))
 
   def _configured_names(self) -> dict[str, str | None]:
     config = os.path.join(os.path.dirname(self.path), CONFIG_FILE)
@@ -71,7 +72,7 @@ class HFTokenizer:
         values = json.load(f)
     except (OSError, ValueError) as e:
       raise DataError(f"{config} is not readable JSON ({e}); fix or remove it") from None
-    return {k: _token_name(values.get(f"{k}_token")) for k in ("eos", "bos", "pad")}
+    return {k: _token_name(values.get(f"{k}_token")) for k in ("eos", "bos", "pad", "unk")}
 
   def _find(self, what: str, configured: str | None, names: Sequence[str]) -> int | None:
     if configured is not None:
@@ -96,6 +97,9 @@ class HFTokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  def piece(self, token_id: int) -> str:
+    return self._tok.id_to_token(token_id)
 
 
 def from_sentencepiece(model_path: str):

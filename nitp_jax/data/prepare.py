@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Any, Iterator
 
@@ -79,7 +78,8 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
   if tokenizer_path:
     tokenizer = tok_lib.load_tokenizer(tokenizer_path)
     tok_lib.check_fits(tokenizer.vocab_size, vocab_size)
-    shutil.copyfile(tokenizer_path, model_path)
+    model_path = os.path.join(output_dir, tokenizer.file_name)
+    tok_lib.copy_tokenizer(tokenizer_path, model_path)
   else:
     sample = _tokenizer_sample(lengths, max_tokenizer_chars, seed)
     docs = (d for i, d in enumerate(corpus) if i in sample)
@@ -105,7 +105,8 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
                   for p, r in corpus.skipped[:MAX_SKIPPED_LISTED]],
       "empty_documents": corpus.empty_documents,
       "tokenizer": {
-          "file": TOKENIZER,
+          "file": os.path.basename(model_path),
+          "kind": tokenizer.kind,
           "sha256": tok_lib.sha256_file(model_path),
           "vocab_size": tokenizer.vocab_size,
           "pad_id": tokenizer.pad_id,
@@ -136,8 +137,9 @@ def _default_corpus_too_small(e: tok_lib.CorpusTooSmallError) -> str:
   return (f"{flag('model.vocab_size')}={e.vocab_size} needs a real corpus or a ready "
           f"tokenizer: the embedded demo corpus (used when {flag('data.input')} is empty) "
           f"yields at most {e.max_pieces} tokenizer pieces. Pass your documents with "
-          f"{flag('data.input')}=PATH_OR_GLOB (.txt/.md/.jsonl), or a SentencePiece model "
-          f"of at most {e.vocab_size} pieces with {flag('data.tokenizer')}=FILE.model")
+          f"{flag('data.input')}=PATH_OR_GLOB (.txt/.md/.jsonl), or a tokenizer of at most "
+          f"{e.vocab_size} tokens (SentencePiece .model or HuggingFace tokenizer.json, "
+          f"e.g. Qwen2's) with {flag('data.tokenizer')}=FILE")
 
 
 def ensure_prepared(data_cfg, vocab_size: int, out_dir: str) -> dict[str, Any]:
@@ -209,7 +211,7 @@ def _clean(output_dir: str) -> None:
   """Remove what an earlier, incomplete run may have left."""
   os.makedirs(output_dir, exist_ok=True)
   for name in os.listdir(output_dir):
-    if name.endswith(".array_record") or name.startswith("tokenizer."):
+    if name.endswith(".array_record") or name.startswith(("tokenizer.", "tokenizer_")):
       os.remove(os.path.join(output_dir, name))
 
 

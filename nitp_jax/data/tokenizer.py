@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import re
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
+from nitp_jax.data import hf_tokenizer
 from nitp_jax.data.hf_tokenizer import HFTokenizer
 from nitp_jax.errors import DataError
 from nitp_jax.flag_names import flag
@@ -52,6 +54,13 @@ class SentencePieceTokenizer:
   def bos_id(self) -> int:
     return self._sp.bos_id()
 
+  @property
+  def unk_id(self) -> int:
+    return self._sp.unk_id()
+
+  def piece(self, token_id: int) -> str:
+    return self._sp.id_to_piece(token_id)
+
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
 
@@ -83,6 +92,15 @@ def load_tokenizer(path: str) -> Tokenizer:
   except (RuntimeError, OSError) as e:
     raise DataError(f"tokenizer {path!r} is not a SentencePiece model "
                     f"({e}).") from None
+
+
+def copy_tokenizer(path: str, dest: str) -> None:
+  """Copy a tokenizer file, with the tokenizer_config.json beside a
+  tokenizer.json (it names the special tokens)."""
+  shutil.copyfile(path, dest)
+  config = os.path.join(os.path.dirname(path), hf_tokenizer.CONFIG_FILE)
+  if is_hf_json(path) and os.path.isfile(config):
+    shutil.copyfile(config, os.path.join(os.path.dirname(dest), hf_tokenizer.CONFIG_FILE))
 
 
 def check_fits(tokenizer_vocab: int, model_vocab: int) -> None:

@@ -33,6 +33,7 @@ from nitp_jax import cli
 from nitp_jax import config as config_lib
 from nitp_jax import layout
 from nitp_jax import model as model_lib
+from nitp_jax.data import hf_tokenizer
 from nitp_jax.data import tokenizer as tok_lib
 from nitp_jax.errors import ConfigError, ExportError
 from nitp_jax.layout import write_json
@@ -357,39 +358,50 @@ def read_hf_tensors(hf_dir: str) -> dict[str, Array]:
   return tensors
 
 
-def _special_ids(tokenizer_path: str) -> dict:
-  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
-  sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
-  ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id(), "unk": sp.unk_id()}
-  ids = {k: (v if v >= 0 else None) for k, v in ids.items()}
-  ids["pieces"] = {k: sp.id_to_piece(v) for k, v in ids.items() if v is not None}
+def _special_ids(tokenizer: tok_lib.Tokenizer) -> dict:
+  """bos/eos/pad/unk ids of a loaded tokenizer (None when it has none), and
+  their token strings under "pieces"."""
+  ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id,
+         "unk": tokenizer.unk_id}
+  ids = {k: (v if v is not None and v >= 0 else None) for k, v in ids.items()}
+  ids["pieces"] = {k: tokenizer.piece(v) for k, v in ids.items() if v is not None}
   return ids
 
 
 def tokenizer_config(special: dict, max_len: int) -> dict:
-  """tokenizer_config.json for transformers' sentencepiece Llama tokenizer,
-  set up for the project's lossless model (no BOS/EOS or dummy prefix added)."""
+  """tokenizer_config.json for transformers' fast tokenizer over our
+  tokenizer.json: no BOS/EOS added, no text clean-up (lossless round trips)."""
   pieces = special["pieces"]
-  return {"tokenizer_class": "LlamaTokenizer", "model_max_length": max_len,
+  return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
           "bos_token": pieces.get("bos"), "eos_token": pieces.get("eos"),
           "pad_token": pieces.get("pad"), "unk_token": pieces.get("unk"),
-          "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
-          "legacy": False, "clean_up_tokenization_spaces": False,
-          "spaces_between_special_tokens": False}
+          "add_bos_token": False, "add_eos_token": False,
+          "clean_up_tokenization_spaces": False}
+
+
+def write_tokenizer_json(tokenizer: tok_lib.Tokenizer, path: str) -> None:
+  """The tokenizer as a HuggingFace tokenizer.json: copied, or converted from
+  SentencePiece (so transformers and lm-eval need no sentencepiece)."""
+  if tokenizer.kind == "huggingface":
+    shutil.copyfile(tokenizer.path, path)
+  else:
+    hf_tokenizer.from_sentencepiece(tokenizer.path).save(path)
 
 
 def export_hf(params: dict, cfg: ml_collections.ConfigDict, out_dir: str,
               tokenizer_path: str | None = None) -> str:
-  """Write model.safetensors + config.json (and the tokenizer if given) to
-  out_dir; return out_dir. Loads with AutoModelForCausalLM.from_pretrained."""
+  """Write model.safetensors + config.json (and, given a tokenizer,
+  tokenizer.json + tokenizer_config.json) to out_dir; return out_dir. Loads
+  with AutoModelForCausalLM / AutoTokenizer.from_pretrained."""
   check_exportable(cfg)
   tensors = hf_tensors(params, cfg)
-  special = _special_ids(tokenizer_path) if tokenizer_path else None
+  tokenizer = tok_lib.load_tokenizer(tokenizer_path) if tokenizer_path else None
+  special = _special_ids(tokenizer) if tokenizer else None
   os.makedirs(out_dir, exist_ok=True)
   safetensors.numpy.save_file(tensors, os.path.join(out_dir, WEIGHTS), metadata={"format": "pt"})
   write_json(os.path.join(out_dir, CONFIG), hf_config(cfg, special))
-  if tokenizer_path:
-    shutil.copyfile(tokenizer_path, os.path.join(out_dir, TOKENIZER))
+  if tokenizer:
+    write_tokenizer_json(tokenizer, os.path.join(out_dir, TOKENIZER_JSON))
     write_json(os.path.join(out_dir, TOKENIZER_CONFIG),
                tokenizer_config(special, cfg.model.max_seq_len))
   return out_dir
