@@ -107,6 +107,11 @@ def base_config() -> ml_collections.ConfigDict:
                                 # documents; 0 = keep document order
   d.prepare_workers = 2
 
+  c.init = ml_collections.ConfigDict()
+  c.init.from_hf = ""           # HF Llama/Qwen2/Qwen2-MoE directory: the backbone
+                                # starts from its weights (and the run uses its
+                                # tokenizer); the projector starts fresh
+
   c.train = t = ml_collections.ConfigDict()
   t.steps = 200
   t.global_batch = 8            # sequences per step, all processes together
@@ -264,6 +269,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not 0 <= cfg.data.val_fraction < 1:
     _fail("data.val_fraction", cfg.data.val_fraction, "must be in [0, 1)")
   _non_negative(cfg, "data.worker_count", note=" (0 = read in this process)")
+  if cfg.init.from_hf and not os.path.isdir(cfg.init.from_hf):
+    _fail("init.from_hf", cfg.init.from_hf, "must be an existing HuggingFace model directory "
+          "(config.json, model.safetensors, a tokenizer)")
   if cfg.data.shuffle_seed != -1:  # -1: data.seed
     _seed(cfg, "data.shuffle_seed")
   _non_negative(cfg, "data.shuffle_window", note=" (0 = no shuffle)")

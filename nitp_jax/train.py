@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import ml_collections
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
@@ -25,6 +26,7 @@ from nitp_jax import preemption
 from nitp_jax import sharding
 from nitp_jax import step as step_lib
 from nitp_jax.data import pipeline, prepare
+from nitp_jax.export import hf
 from nitp_jax.errors import NonFiniteLossError
 from nitp_jax.metrics_log import MetricsLog, Throughput, console_line
 
@@ -46,7 +48,7 @@ class Trainer:
   """Builds everything a run needs from its config and drives the loop."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
-    self.cfg = config_lib.validate(cfg)
+    self.cfg = cfg = hf.with_hf_tokenizer(config_lib.validate(cfg))
     config_lib.check_trainable(cfg)
     self.mesh = jitted.mesh_for_config(cfg)
     self.steps = jitted.build(cfg, self.mesh)
@@ -74,12 +76,23 @@ class Trainer:
                                                 self.cfg)
     if restored is None:
       self.log.truncate_after(0)
-      return self.steps.init(jax.random.key(self.cfg.train.seed))
+      return self._fresh_state()
     step, state, data_restored = restored
     if not data_restored:  # another process count wrote it: see restore_latest
       self.train_iter = self._train_iterator(config_lib.order_seed(self.cfg) + step)
     self.log.info(f"resuming from step {step} in {self.checkpointer.directory}")
     self.log.truncate_after(step)
+    return state
+
+  def _fresh_state(self) -> step_lib.State:
+    """Step 0: random init, with the backbone of config.init.from_hf if set."""
+    state = self.steps.init(jax.random.key(self.cfg.train.seed))
+    if self.cfg.init.from_hf:
+      backbone = hf.backbone_from_hf(self.cfg.init.from_hf, self.cfg)
+      state["params"]["backbone"] = jax.tree.map(  # the run's dtypes and shardings
+          lambda a, s: jax.device_put(np.asarray(a, s.dtype), s.sharding), backbone,
+          self.steps.abstract_state["params"]["backbone"])
+      self.log.info(f"backbone from {self.cfg.init.from_hf}; the NITP projector starts fresh")
     return state
 
   def save(self, state: step_lib.State, step: int) -> None:

@@ -2,6 +2,8 @@
 written by transformers itself loads as the run's backbone (same logits as
 transformers), and another architecture is refused naming every field."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,3 +60,39 @@ def test_another_architecture_is_refused_naming_each_field(tmp_path):
   assert "model.vocab_size: 97 in HF vs 128" in message
   assert "model.num_kv_heads: 2 in HF vs 4" in message
   assert "\n" not in message
+
+
+def test_training_starts_from_hf_weights_with_its_tokenizer_and_resumes(tmp_path):
+  import json
+  from nitp_jax import train
+  from tests.conftest import CORPUS_GLOB, train_config
+  from tests.test_tokenizers import build_bpe_json
+  cfg = train_config(str(tmp_path / "prepared"), steps=2, eval_every=2, checkpoint_every=2,
+                     geometry_every=0)
+  cfg.model.qkv_bias, cfg.data.input = True, CORPUS_GLOB
+  hf_dir = save_transformers_model(cfg, tmp_path / "hf")
+  build_bpe_json(hf_dir, vocab_size=500)
+  cfg.init.from_hf = hf_dir
+  trainer = train.Trainer(cfg, str(tmp_path / "run"))
+  try:
+    assert trainer.cfg.data.tokenizer == os.path.join(hf_dir, "tokenizer.json")
+    state = trainer.initial_state()
+    tokens = np.random.default_rng(0).integers(0, 500, (1, 12))
+    net, _ = model_lib.build(cfg)
+    ours = np.asarray(net.apply({"params": state["params"]["backbone"]}, jnp.asarray(tokens))[0])
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+      np.testing.assert_allclose(ours, theirs(torch.tensor(tokens)).logits.numpy(), atol=2e-4)
+  finally:
+    trainer.close()
+  assert train.run(cfg, str(tmp_path / "run"))["step"] == 2
+  with open(tmp_path / "prepared" / "manifest.json") as f:
+    assert json.load(f)["tokenizer"]["kind"] == "huggingface"
+  cfg.train.steps = 3
+  assert train.run(cfg, str(tmp_path / "run"))["step"] == 3  # from its own checkpoint
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    steps = [r["step"] for r in map(json.loads, f) if r["kind"] == "train"]
+  assert steps == [1, 2, 3]
+  cfg.data.tokenizer = str(tmp_path / "other.model")
+  with pytest.raises(ConfigError, match="is not the tokenizer of --config.init.from_hf"):
+    train.run(cfg, str(tmp_path / "run2"))

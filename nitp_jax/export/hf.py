@@ -466,6 +466,24 @@ def hf_tokenizer_file(hf_dir: str) -> str | None:
   return None
 
 
+def with_hf_tokenizer(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """cfg whose data.tokenizer is the tokenizer of cfg.init.from_hf (a run
+  that starts from HF weights reads text as that model does)."""
+  hf_dir = cfg.init.from_hf
+  if not hf_dir:
+    return cfg
+  found = hf_tokenizer_file(hf_dir)
+  if found is None:
+    raise ConfigError(f"--config.init.from_hf={hf_dir} has no tokenizer.json or "
+                      "tokenizer.model: the run must read text with that model's tokenizer")
+  if cfg.data.tokenizer and os.path.abspath(cfg.data.tokenizer) != os.path.abspath(found):
+    raise ConfigError(f"--config.data.tokenizer={cfg.data.tokenizer} is not the tokenizer of "
+                      f"--config.init.from_hf ({found}): leave data.tokenizer empty")
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.data.tokenizer = found
+  return cfg
+
+
 # -------------------------------------------------------------------- CLI
 
 def export_from_params(params: dict, cfg: ml_collections.ConfigDict, out_dir: str,
