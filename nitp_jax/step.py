@@ -147,18 +147,17 @@ def make_eval_step(cfg: ml_collections.ConfigDict) -> Callable[[dict, dict], dic
 
 
 def make_score_step(cfg: ml_collections.ConfigDict) -> Callable[[dict, dict], jax.Array]:
-  """Per row, the summed log-likelihood of the tokens marked by
-  `batch["scored"]` (1 where tokens[t+1] is scored, at position t): how a
-  multiple-choice task scores a choice after its context. Full [B, T, V]
-  logits, as the held-out evaluation without ce_chunk."""
+  """Per row, the summed log-likelihood of `batch["targets"]` where
+  `batch["scored"]` is 1: how a multiple-choice task scores a choice after
+  its context. Full [B, T, V] logits, as the held-out evaluation without
+  ce_chunk."""
   model, _ = model_lib.build(cfg)
 
   def score_step(params: dict, batch: dict) -> jax.Array:
     logits_BxTxV, _, _ = model.apply({"params": params["backbone"]}, batch["tokens"],
                                      batch["segment_ids"], batch["positions"])
     logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-    targets_BxT = objectives.shift_left(batch["tokens"])
-    target_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    target_BxT = jnp.take_along_axis(logits_BxTxV, batch["targets"][..., None], axis=-1)[..., 0]
     loglik_BxT = target_BxT - jax.nn.logsumexp(logits_BxTxV, axis=-1)
     return jnp.sum(jnp.where(batch["scored"] > 0, loglik_BxT, 0.0), axis=-1)
 

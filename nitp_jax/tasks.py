@@ -7,7 +7,9 @@ A task file is JSON lines in lm-evaluation-harness's shape:
 Each choice is scored by the summed log-likelihood of its tokens after the
 context, the way lm-evaluation-harness scores `loglikelihood` requests:
 context and choice are encoded together and the choice is what follows the
-context's own encoding; the last `seq_len` + 1 tokens are kept. `acc` takes
+context's own encoding; the last `seq_len` + 1 tokens are kept. (A choice
+follows its context directly: lm-eval task files for these tasks set
+`target_delimiter: ""`.) `acc` takes
 the best sum, `acc_norm` the best sum divided by the choice's length in
 characters (lm-eval's acc_norm).
 
@@ -81,22 +83,24 @@ def encode_pair(tokenizer, context: str, choice: str) -> tuple[list[int], list[i
 
 
 def encode_rows(items: Sequence[Item], tokenizer, seq_len: int) -> dict[str, np.ndarray]:
-  """One row per (item, choice): the last `seq_len` tokens of context +
-  choice, with segment_ids, positions and `scored` (1 at position t where
-  tokens[t+1] is a choice token), int32 [R, seq_len]."""
+  """One row per (item, choice), as lm-eval builds its inputs: of context +
+  choice, the last `seq_len` tokens before the final one as `tokens`, each
+  next token as `targets`, `scored` = 1 where the target is a choice token;
+  with segment_ids and positions, int32 [R, seq_len]."""
   pairs = [encode_pair(tokenizer, it.context, c) for it in items for c in it.choices]
   out = {k: np.zeros((len(pairs), seq_len), np.int32)
-         for k in ("tokens", "segment_ids", "positions", "scored")}
+         for k in ("tokens", "targets", "segment_ids", "positions", "scored")}
   for r, (context_ids, choice_ids) in enumerate(pairs):
     if not choice_ids:
       raise DataError("a choice encodes to no tokens after its context; make every choice "
                       "non-empty text")
-    whole = (context_ids + choice_ids)[-seq_len:]
-    n = len(whole)
-    out["tokens"][r, :n] = whole
+    whole = (context_ids + choice_ids)[-(seq_len + 1):]
+    n = len(whole) - 1
+    out["tokens"][r, :n] = whole[:-1]
+    out["targets"][r, :n] = whole[1:]
     out["segment_ids"][r, :n] = 1
     out["positions"][r, :n] = np.arange(n)
-    out["scored"][r, max(n - 1 - len(choice_ids), 0):n - 1] = 1
+    out["scored"][r, max(n - len(choice_ids), 0):n] = 1
   return out
 
 

@@ -58,11 +58,11 @@ def test_scores_equal_a_direct_log_likelihood(tokenizer):
   net, _ = model_lib.build(cfg)
   for r, (it, choice) in enumerate([(it, c) for it in items for c in it.choices]):
     context_ids, choice_ids = tasks.encode_pair(tokenizer, it.context, choice)
-    whole = (context_ids + choice_ids)[-cfg.train.seq_len:]
-    logits = net.apply({"params": params["backbone"]}, jnp.asarray([whole]))[0][0]
+    whole = (context_ids + choice_ids)[-(cfg.train.seq_len + 1):]  # as lm-eval truncates
+    logits = net.apply({"params": params["backbone"]}, jnp.asarray([whole[:-1]]))[0][0]
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    scored = range(len(whole) - 1 - min(len(choice_ids), len(whole) - 1), len(whole) - 1)
-    expected = sum(float(logp[t, whole[t + 1]]) for t in scored)
+    n = len(whole) - 1
+    expected = sum(float(logp[t, whole[t + 1]]) for t in range(n - len(choice_ids), n))
     np.testing.assert_allclose(got[r], expected, rtol=1e-5, atol=1e-5)
 
 
