@@ -6,6 +6,8 @@
       manifest.json, tokenizer.model, {train,validation}-NNNNN.array_record
     metrics.jsonl         one JSON record per log/eval/probe step
     tensorboard/          event files
+
+A workdir or prepared-data directory may be local or gs://... (`storage`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 from typing import Any
 
 import ml_collections
 
+from nitp_jax import storage
 from nitp_jax.errors import ConfigError
 
 CHECKPOINTS = "checkpoints"
@@ -28,33 +32,34 @@ TOKENIZER = "tokenizer.model"
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+  return storage.join(storage.absolute(workdir), CHECKPOINTS)
 
 
 def metrics_path(workdir: str) -> str:
-  return os.path.join(workdir, METRICS)
+  return storage.join(workdir, METRICS)
 
 
 def tensorboard_dir(workdir: str) -> str:
-  return os.path.join(workdir, TENSORBOARD)
+  return storage.join(workdir, TENSORBOARD)
 
 
 def data_dir(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   """The prepared data of a run: config.data.prepared_dir, else <workdir>/data."""
-  return cfg.data.prepared_dir or os.path.join(os.path.abspath(workdir), DATA)
+  return cfg.data.prepared_dir or storage.join(storage.absolute(workdir), DATA)
 
 
 def tokenizer_path(prepared_dir: str) -> str:
-  return os.path.join(prepared_dir, TOKENIZER)
+  return storage.join(prepared_dir, TOKENIZER)
 
 
 def run_tokenizer(cfg: ml_collections.ConfigDict, workdir: str | None) -> str | None:
   """The tokenizer a run used: config.data.tokenizer, else the prepared
-  data's own; None when neither file exists."""
+  data's own (a local copy when that is remote); None when neither file exists."""
   candidates = [cfg.data.tokenizer]
   if workdir:
     candidates.append(tokenizer_path(data_dir(cfg, workdir)))
-  return next((p for p in candidates if p and os.path.isfile(p)), None)
+  found = next((p for p in candidates if p and storage.isfile(p)), None)
+  return storage.local_copy(found) if found else None
 
 
 def default_workdir(config_path: str) -> str:
@@ -65,7 +70,10 @@ def default_workdir(config_path: str) -> str:
 
 
 def make_workdir(workdir: str) -> str:
-  """The absolute path of `workdir`, created; ConfigError if it is not writable."""
+  """The absolute path of `workdir`, created; ConfigError if it is not writable
+  (StorageError if it is remote and unusable from here)."""
+  if storage.is_remote(workdir):
+    return _check_remote_workdir(workdir)
   path = os.path.abspath(workdir)
   try:
     os.makedirs(path, exist_ok=True)
@@ -77,10 +85,20 @@ def make_workdir(workdir: str) -> str:
   return path
 
 
+def _check_remote_workdir(workdir: str) -> str:
+  storage.check(workdir)
+  path = storage.absolute(workdir)
+  probe = storage.join(path, f".write-test-{uuid.uuid4().hex}")  # processes may share path
+  try:
+    storage.write_text(probe, "")
+    storage.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir} is not writable ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}): pass a bucket path "
+                      "your credentials may write to") from e
+  return path
+
+
 def write_json(path: str, obj: Any) -> None:
   """Write `obj` as indented JSON, atomically (a reader never sees half a file)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  storage.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
