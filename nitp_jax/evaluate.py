@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import jax
 import ml_collections
@@ -38,6 +37,7 @@ from nitp_jax import config as config_lib
 from nitp_jax import jitted
 from nitp_jax import layout
 from nitp_jax import sharding
+from nitp_jax import storage
 from nitp_jax.data import pipeline
 from nitp_jax.errors import DataError
 
@@ -119,7 +119,7 @@ def evaluate_run(workdir: str, step: int | None = None, batches: int | None = No
   order = ["loss", "ppl", "nitp", "nitp_cos", *GEOMETRY_KEYS, "tokens", "batches"]
   ordered = {k: result[k] for k in order if k in result}
   moe = {"dispatch": cfg.model.moe.dispatch} if config_lib.is_moe(cfg) else {}
-  return {"workdir": os.path.abspath(workdir), "step": step, **moe,
+  return {"workdir": storage.absolute(workdir), "step": step, **moe,
           **{k: _finite_or_none(v) if isinstance(v, float) else v for k, v in ordered.items()},
           "geometry": "mean over batches"}
 

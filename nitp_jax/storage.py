@@ -31,6 +31,7 @@ PROBE_TIMEOUT_S = 30         # a bucket that does not answer within this is an e
 CACHE_ENV = "NITP_JAX_CACHE"  # root of local copies of remote data; ~/.cache/nitp_jax
 EMULATOR_ENV = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")
 _SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
+_checked: set[str] = set()  # buckets that passed `check` in this process
 
 
 def is_remote(path: str) -> bool:
@@ -48,11 +49,11 @@ def absolute(path: str) -> str:
 
 
 def _gcsfs():
-  """The gcsfs module, set up once for this project: plain object access
-  (no bucket-type probe over gRPC, which waits a minute against an emulator
-  and warns on every call without credentials), no listing cache (Orbax
-  writes behind gcsfs's back, through tensorstore, and other hosts write
-  too), anonymous against an emulator."""
+  """The gcsfs module, set up for this project: plain object access (no
+  bucket-type probe over gRPC: against an emulator or without credentials it
+  fails, and is retried with a warning on every call), no listing cache
+  (Orbax writes behind gcsfs's back, through tensorstore, and other hosts
+  write too), anonymous against an emulator."""
   os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
   try:
     import gcsfs  # pylint: disable=import-outside-toplevel
@@ -67,7 +68,8 @@ def _gcsfs():
 
 
 def _fs():
-  """The gcsfs filesystem (the instance etils.epath also gets, by fsspec's cache)."""
+  """A gcsfs filesystem, configured as the one etils.epath opens (both take
+  fsspec's config)."""
   _gcsfs()
   import fsspec  # pylint: disable=import-outside-toplevel
   return fsspec.filesystem("gs")
@@ -196,8 +198,9 @@ def _quiet(*loggers: str) -> Iterator[None]:
 def check(path: str) -> None:
   """Nothing for a local path; for object storage, StorageError (one line)
   unless this machine can use it: the scheme is gs://, gcsfs is installed,
-  credentials exist (or an emulator is set) and the bucket answers."""
-  if not is_remote(path):
+  credentials exist (or an emulator is set) and the bucket answers. A bucket
+  that passed is not probed again by this process."""
+  if not is_remote(path) or _bucket(path) in _checked:
     return
   scheme = path.partition("://")[0]
   if scheme != "gs":
@@ -215,6 +218,13 @@ def check(path: str) -> None:
   if not emulator:
     _check_credentials(path)
   _probe(path)
+  _checked.add(_bucket(path))
+
+
+def _bucket(path: str) -> str:
+  """'gs://bkt' of 'gs://bkt/a/b'."""
+  scheme, _, rest = path.partition("://")
+  return f"{scheme}://{rest.split('/', 1)[0]}"
 
 
 def _check_credentials(path: str) -> None:

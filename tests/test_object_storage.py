@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+from nitp_jax import plot
 from nitp_jax import storage
 from nitp_jax import train
 from tests.conftest import train_config
@@ -135,6 +136,7 @@ def test_gs_workdir_sigkill_resumes_bitwise(emulator, prepared_dir, tmp_path):
     storage.download(e, str(local_tb / os.path.basename(e)))
   shown = tensorboard_view(str(local_tb), "train/loss")
   assert shown == [(r["step"], np.float32(r["loss"])) for r in b]
+  assert [r for r in plot.read_records(parts) if r["kind"] == "train"] == b
   assert not os.path.exists(os.path.join(ROOT, "gs:")), "a local gs: folder was made"
 
 
