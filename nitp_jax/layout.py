@@ -20,6 +20,7 @@ from typing import Any
 
 import ml_collections
 
+from nitp_jax import errors
 from nitp_jax import storage
 from nitp_jax.errors import ConfigError
 
@@ -92,10 +93,10 @@ def _check_remote_workdir(workdir: str) -> str:
   try:
     storage.write_text(probe, "")
     storage.remove(probe)
-  except OSError as e:
+  except Exception as e:  # pylint: disable=broad-except  # gcsfs: OSError, HttpError, ...
     raise ConfigError(f"--workdir={workdir} is not writable ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}): pass a bucket path "
-                      "your credentials may write to") from e
+                      f"{errors.one_line(e)[:200]}): pass a bucket path your credentials "
+                      "may write to") from e
   return path
 
 

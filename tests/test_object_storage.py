@@ -16,10 +16,12 @@ import time
 import numpy as np
 import pytest
 
+from nitp_jax import errors
 from nitp_jax import plot
 from nitp_jax import storage
 from nitp_jax import train
-from tests.conftest import train_config
+from nitp_jax.data import prepare
+from tests.conftest import CORPUS_GLOB, VOCAB, train_config
 from tests.helpers import tensorboard_view
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,6 +163,10 @@ def test_gs_prepared_dir_is_uploaded_once_and_reused(emulator, tmp_path, monkeyp
     assert (cached / n).read_bytes() == fs.cat_file(storage.join(prepared, n)), n
   assert first["eval"] == second["eval"] and first["step"] == second["step"] == 2
   assert _local_losses(tmp_path / "run1") == _local_losses(tmp_path / "run2")
+  # Other inputs are refused, naming the bucket's directory (not the cache).
+  with pytest.raises(errors.DataError, match=f"'{prepared}' already holds data prepared "
+                     "from other inputs .*val_fraction"):
+    prepare.prepare(CORPUS_GLOB, prepared, VOCAB, val_fraction=0.2)
 
 
 def _local_losses(workdir):

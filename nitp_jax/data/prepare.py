@@ -146,8 +146,9 @@ def _prepare_remote(remote_dir: str, prepare_local) -> dict[str, Any]:
     except DataError:
       if remote_manifest is not None or not os.path.isfile(local_manifest):
         raise
-      # The cache holds data the bucket does not (an interrupted upload is
-      # reused above; this is other inputs'): it is only a cache, rebuild it.
+      # The cache holds other inputs' data, which the bucket does not (one of
+      # these inputs whose upload was cut short is reused by the first call):
+      # it is only a cache, rebuild it.
       os.remove(local_manifest)
       manifest = prepare_local(local)
   except DataError as e:  # name the directory the user gave, not the cache
