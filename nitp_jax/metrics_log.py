@@ -77,11 +77,12 @@ class MetricsLog:
     if enabled and storage.is_remote(workdir):
       self._staging = tempfile.mkdtemp(prefix="nitp_metrics_")
       self._uploaded: dict[str, int] = {}  # staged file -> size at its last upload
+      self._not_uploaded: list[str] = []     # staged files whose last upload failed
       self._last_sync = time.monotonic()
       local = os.path.join(self._staging, "metrics.jsonl")
       if storage.exists(self.path):  # a resumed run continues the file
         storage.download(self.path, local)
-      self._remote_path, self.path = self.path, local
+      self._remote_workdir, self._remote_path, self.path = workdir, self.path, local
       self._remote_tb_dir, self._tb_dir = self._tb_dir, os.path.join(self._staging, "tensorboard")
     if enabled:
       self._jsonl = open(self.path, "a", encoding="utf-8")
@@ -125,12 +126,18 @@ class MetricsLog:
     if os.path.isdir(self._tb_dir):
       staged += [(os.path.join(self._tb_dir, n), storage.join(self._remote_tb_dir, n))
                  for n in sorted(os.listdir(self._tb_dir))]
+    self._last_sync, self._not_uploaded = time.monotonic(), []
     for local, remote in staged:
       size = os.path.getsize(local)
       if self._uploaded.get(local) != size:
-        storage.upload(local, remote)
+        try:
+          storage.upload(local, remote)
+        except Exception as e:  # pylint: disable=broad-except  # retried at the next sync
+          logging.warning("could not upload %s to %s (%s: %s); the next upload retries it",
+                          local, remote, type(e).__name__, str(e)[:200])
+          self._not_uploaded.append(local)
+          continue
         self._uploaded[local] = size
-    self._last_sync = time.monotonic()
 
   def truncate_after(self, step: int) -> None:
     """Drop records past `step`: after a resume, the steps that were run but
@@ -161,8 +168,11 @@ class MetricsLog:
         self._tb = None
       self.sync()
       self._jsonl.close()
-      if self._staging:
+      if self._staging and not self._not_uploaded:
         shutil.rmtree(self._staging, ignore_errors=True)
+      elif self._staging:
+        logging.warning("metrics that could not be uploaded to %s are kept in %s",
+                        self._remote_workdir, self._staging)
 
 
 class Throughput:
