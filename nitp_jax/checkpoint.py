@@ -4,7 +4,6 @@ reshard into whatever shardings the caller's abstract state carries."""
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -18,6 +17,7 @@ from absl import logging
 
 from nitp_jax import errors
 from nitp_jax import layout
+from nitp_jax import storage
 from nitp_jax.errors import CheckpointError
 
 # Fields that decide parameter shapes or the data order: a checkpoint only
@@ -57,7 +57,7 @@ class Checkpointer:
 
   def saved_process_count(self, step: int) -> int | None:
     """How many processes wrote `step`'s data-iterator state (one file each)."""
-    names = glob.glob(os.path.join(self.directory, str(step), "data", "process_*-of-*.json"))
+    names = storage.glob(storage.join(self.directory, str(step), "data", "process_*-of-*.json"))
     counts = {int(re.search(r"-of-(\d+)\.json$", n).group(1)) for n in names}
     return counts.pop() if len(counts) == 1 else None
 
@@ -185,7 +185,8 @@ def restore_params(workdir: str, step: int | None = None
   """(step, config, params) of a run's checkpoint (latest when step is None),
   as host arrays; for evaluation and export. CheckpointError when there is
   no such checkpoint or it cannot be read."""
-  if not os.path.isdir(layout.checkpoint_dir(workdir)):
+  storage.check(workdir)
+  if not storage.isdir(layout.checkpoint_dir(workdir)):
     raise CheckpointError(f"no checkpoint under {layout.checkpoint_dir(workdir)}: train "
                           "first, or pass the --workdir of a training run")
   ckpt = Checkpointer(workdir, keep=1_000_000, async_save=False)

@@ -30,6 +30,11 @@ class CheckpointError(UserError, RuntimeError):
   """A checkpoint that cannot be used; the message says why and what to do."""
 
 
+class StorageError(UserError, OSError):
+  """A storage location (gs://...) this machine cannot use: scheme, package,
+  credentials or bucket; the message says what to install or set."""
+
+
 class LaunchError(UserError, ValueError):
   """Inconsistent multi-process settings; the message says what to pass."""
 

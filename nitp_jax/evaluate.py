@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import jax
 import ml_collections
@@ -39,8 +38,10 @@ from nitp_jax import config as config_lib
 from nitp_jax import jitted
 from nitp_jax import layout
 from nitp_jax import sharding
+from nitp_jax import storage
 from nitp_jax import tasks as tasks_lib
 from nitp_jax.data import pipeline
+from nitp_jax.data import prepare
 from nitp_jax.data import tokenizer as tok_lib
 from nitp_jax.errors import DataError
 
@@ -82,8 +83,9 @@ def run_tasks(cfg: ml_collections.ConfigDict, prepared_dir: str) -> list[tasks_l
   tokenizer (none when the field is empty)."""
   if not cfg.train.eval_tasks:
     return []
-  tokenizer = tok_lib.load_tokenizer(layout.tokenizer_path(prepared_dir))
-  return tasks_lib.load_tasks(cfg.train.eval_tasks, prepared_dir, tokenizer,
+  local = prepare.readable_dir(prepared_dir)
+  tokenizer = tok_lib.load_tokenizer(layout.tokenizer_path(local))
+  return tasks_lib.load_tasks(cfg.train.eval_tasks, local, tokenizer,
                               cfg.train.seq_len, cfg.train.global_batch)
 
 
@@ -140,7 +142,7 @@ def evaluate_run(workdir: str, step: int | None = None, batches: int | None = No
   order += sorted(k for k in result if "/acc" in k)
   ordered = {k: result[k] for k in order if k in result}
   moe = {"dispatch": cfg.model.moe.dispatch} if config_lib.is_moe(cfg) else {}
-  return {"workdir": os.path.abspath(workdir), "step": step, **moe,
+  return {"workdir": storage.absolute(workdir), "step": step, **moe,
           **{k: _finite_or_none(v) if isinstance(v, float) else v for k, v in ordered.items()},
           "geometry": "mean over batches"}
 

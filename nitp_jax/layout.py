@@ -6,6 +6,8 @@
       manifest.json, tokenizer.model, {train,validation}-NNNNN.array_record
     metrics.jsonl         one JSON record per log/eval/probe step
     tensorboard/          event files
+
+A workdir or prepared-data directory may be local or gs://... (`storage`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import uuid
 from typing import Any
 
 import ml_collections
 
+from nitp_jax import errors
+from nitp_jax import storage
 from nitp_jax.errors import ConfigError
 
 CHECKPOINTS = "checkpoints"
@@ -26,39 +31,46 @@ TENSORBOARD = "tensorboard"
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
 TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+  return storage.join(storage.absolute(workdir), CHECKPOINTS)
 
 
 def metrics_path(workdir: str) -> str:
-  return os.path.join(workdir, METRICS)
+  return storage.join(workdir, METRICS)
 
 
 def tensorboard_dir(workdir: str) -> str:
-  return os.path.join(workdir, TENSORBOARD)
+  return storage.join(workdir, TENSORBOARD)
 
 
 def data_dir(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   """The prepared data of a run: config.data.prepared_dir, else <workdir>/data."""
-  return cfg.data.prepared_dir or os.path.join(os.path.abspath(workdir), DATA)
+  return cfg.data.prepared_dir or storage.join(storage.absolute(workdir), DATA)
 
 
 def tokenizer_path(prepared_dir: str) -> str:
   """The prepared data's tokenizer: tokenizer.json if it has one, else
   tokenizer.model."""
-  json_path = os.path.join(prepared_dir, TOKENIZER_JSON)
-  return json_path if os.path.isfile(json_path) else os.path.join(prepared_dir, TOKENIZER)
+  json_path = storage.join(prepared_dir, TOKENIZER_JSON)
+  return json_path if storage.isfile(json_path) else storage.join(prepared_dir, TOKENIZER)
 
 
 def run_tokenizer(cfg: ml_collections.ConfigDict, workdir: str | None) -> str | None:
   """The tokenizer a run used: config.data.tokenizer, else the prepared
-  data's own; None when neither file exists."""
+  data's own (a local copy when that is remote); None when neither file exists."""
   candidates = [cfg.data.tokenizer]
   if workdir:
     candidates.append(tokenizer_path(data_dir(cfg, workdir)))
-  return next((p for p in candidates if p and os.path.isfile(p)), None)
+  found = next((p for p in candidates if p and storage.isfile(p)), None)
+  if found is None:
+    return None
+  config = storage.join(os.path.dirname(found), TOKENIZER_CONFIG)
+  if found.endswith(".json") and storage.isfile(config):
+    storage.local_copy(config)  # beside the copy: it names a tokenizer.json's special tokens
+  return storage.local_copy(found)
 
 
 def default_workdir(config_path: str) -> str:
@@ -69,7 +81,10 @@ def default_workdir(config_path: str) -> str:
 
 
 def make_workdir(workdir: str) -> str:
-  """The absolute path of `workdir`, created; ConfigError if it is not writable."""
+  """The absolute path of `workdir`, created; ConfigError if it is not writable
+  (StorageError if it is remote and unusable from here)."""
+  if storage.is_remote(workdir):
+    return _check_remote_workdir(workdir)
   path = os.path.abspath(workdir)
   try:
     os.makedirs(path, exist_ok=True)
@@ -81,10 +96,20 @@ def make_workdir(workdir: str) -> str:
   return path
 
 
+def _check_remote_workdir(workdir: str) -> str:
+  storage.check(workdir)
+  path = storage.absolute(workdir)
+  probe = storage.join(path, f".write-test-{uuid.uuid4().hex}")  # processes may share path
+  try:
+    storage.write_text(probe, "")
+    storage.remove(probe)
+  except Exception as e:  # pylint: disable=broad-except  # gcsfs: OSError, HttpError, ...
+    raise ConfigError(f"--workdir={workdir} is not writable ({type(e).__name__}: "
+                      f"{errors.one_line(e)[:200]}): pass a bucket path your credentials "
+                      "may write to") from e
+  return path
+
+
 def write_json(path: str, obj: Any) -> None:
   """Write `obj` as indented JSON, atomically (a reader never sees half a file)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  storage.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -1,19 +1,29 @@
 """Where metrics go: a console line, `metrics.jsonl` and TensorBoard, written
-by process 0 only; plus throughput and ETA bookkeeping."""
+by process 0 only; plus throughput and ETA bookkeeping.
+
+A remote (gs://) workdir cannot be appended to: both files are written to a
+local staging directory and uploaded whole (`MetricsLog.sync`): at most every
+UPLOAD_EVERY_S seconds, after every eval / probe record, at every checkpoint
+save and at close. A killed run loses only records after its last checkpoint,
+which its rerun writes again."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import os
+import shutil
+import tempfile
 import time
 
 import jax
 from absl import logging
 
 from nitp_jax import flops
+from nitp_jax import storage
 
 _event_files = itertools.count()
+UPLOAD_EVERY_S = 30.0
 
 
 def format_duration(seconds: float) -> str:
@@ -60,9 +70,20 @@ class MetricsLog:
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb_dir = os.path.join(workdir, "tensorboard")
+    self.path = storage.join(workdir, "metrics.jsonl")
+    self._tb_dir = storage.join(workdir, "tensorboard")
     self._tb = None
+    self._staging = None  # remote workdir: local copies, uploaded by sync()
+    if enabled and storage.is_remote(workdir):
+      self._staging = tempfile.mkdtemp(prefix="nitp_metrics_")
+      self._uploaded: dict[str, int] = {}  # staged file -> size at its last upload
+      self._not_uploaded: list[str] = []     # staged files whose last upload failed
+      self._last_sync = time.monotonic()
+      local = os.path.join(self._staging, "metrics.jsonl")
+      if storage.exists(self.path):  # a resumed run continues the file
+        storage.download(self.path, local)
+      self._remote_workdir, self._remote_path, self.path = workdir, self.path, local
+      self._remote_tb_dir, self._tb_dir = self._tb_dir, os.path.join(self._staging, "tensorboard")
     if enabled:
       self._jsonl = open(self.path, "a", encoding="utf-8")
 
@@ -90,6 +111,33 @@ class MetricsLog:
     for k, v in metrics.items():
       self._tb.add_scalar(f"{kind}/{k}", float(v), step, walltime=record["time"])
     self._tb.flush()
+    if self._staging and (kind != "train"
+                          or time.monotonic() - self._last_sync >= UPLOAD_EVERY_S):
+      self.sync()
+
+  def sync(self) -> None:
+    """Upload what changed since the last upload (remote workdirs only)."""
+    if not self.enabled or self._staging is None:
+      return
+    self._jsonl.flush()
+    if self._tb is not None:
+      self._tb.flush()
+    staged = [(self.path, self._remote_path)]
+    if os.path.isdir(self._tb_dir):
+      staged += [(os.path.join(self._tb_dir, n), storage.join(self._remote_tb_dir, n))
+                 for n in sorted(os.listdir(self._tb_dir))]
+    self._last_sync, self._not_uploaded = time.monotonic(), []
+    for local, remote in staged:
+      size = os.path.getsize(local)
+      if self._uploaded.get(local) != size:
+        try:
+          storage.upload(local, remote)
+        except Exception as e:  # pylint: disable=broad-except  # retried at the next sync
+          logging.warning("could not upload %s to %s (%s: %s); the next upload retries it",
+                          local, remote, type(e).__name__, str(e)[:200])
+          self._not_uploaded.append(local)
+          continue
+        self._uploaded[local] = size
 
   def truncate_after(self, step: int) -> None:
     """Drop records past `step`: after a resume, the steps that were run but
@@ -105,6 +153,7 @@ class MetricsLog:
       f.writelines(kept)
     os.replace(tmp, self.path)
     self._jsonl = open(self.path, "a", encoding="utf-8")
+    self.sync()  # sizes only grow between syncs: the size is the version uploaded
 
   def info(self, message: str) -> None:
     """A console line (stdout, timestamped), also kept in the absl log."""
@@ -114,9 +163,16 @@ class MetricsLog:
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
       if self._tb is not None:
         self._tb.close()
+        self._tb = None
+      self.sync()
+      self._jsonl.close()
+      if self._staging and not self._not_uploaded:
+        shutil.rmtree(self._staging, ignore_errors=True)
+      elif self._staging:
+        logging.warning("metrics that could not be uploaded to %s are kept in %s",
+                        self._remote_workdir, self._staging)
 
 
 class Throughput:

@@ -15,6 +15,7 @@ the seeds as the line and mean ± one standard deviation as a band.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Sequence
@@ -28,6 +29,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 from absl import flags  # pylint: disable=wrong-import-position
 
 from nitp_jax import cli  # pylint: disable=wrong-import-position
+from nitp_jax import storage  # pylint: disable=wrong-import-position
 from nitp_jax.errors import PlotError  # pylint: disable=wrong-import-position
 
 Series = tuple[np.ndarray, np.ndarray]
@@ -45,11 +47,12 @@ PANELS = (
 
 def read_records(run_dir: str) -> list[dict]:
   """The records of <run_dir>/metrics.jsonl (a line cut short is skipped)."""
-  path = os.path.join(run_dir, "metrics.jsonl")
-  if not os.path.isfile(path):
+  path = storage.join(run_dir, "metrics.jsonl")
+  storage.check(run_dir)
+  if not storage.isfile(path):
     raise PlotError(f"{run_dir!r} has no metrics.jsonl: pass the --workdir of a training run")
   records = []
-  with open(path, encoding="utf-8") as f:
+  with io.StringIO(storage.read_text(path)) as f:
     for line in f:
       try:
         records.append(json.loads(line))

@@ -100,6 +100,7 @@ class Trainer:
       raise NonFiniteLossError(f"step {step}: parameters are not finite; not saving them. "
                                f"The last good checkpoint is in {self.checkpointer.directory}.")
     self.checkpointer.save(step, state, self.train_iter, self.cfg)
+    self.log.sync()  # a remote workdir's metrics hold every step up to a checkpoint
 
   def _report(self, step: int, metrics: dict, throughput: Throughput) -> None:
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -43,7 +43,7 @@ from grain import experimental as grain_exp
 
 from nitp_jax.errors import DataError
 from nitp_jax.flag_names import flag
-from nitp_jax.data.prepare import load_manifest, shard_paths
+from nitp_jax.data.prepare import load_manifest, readable_dir, shard_paths
 
 Batch = dict[str, np.ndarray]
 READ_THREADS = 2
@@ -213,7 +213,7 @@ def local_documents(prepared_dir: str, seed: int, process_index: int,
   Epoch e is a permutation of all documents seeded by (seed, e); this process
   takes elements process_index, process_index + process_count, ... of it.
   """
-  docs = _documents(prepared_dir, "train")
+  docs = _documents(readable_dir(prepared_dir), "train")
   if len(docs) < process_count:
     raise DataError(f"{prepared_dir!r} has {len(docs)} training documents, "
                     f"fewer than the {process_count} processes; prepare a "
@@ -244,7 +244,7 @@ def make_eval_batches(prepared_dir: str, seq_len: int, batch: int,
   several processes, each takes its block of rows.
   """
   _check_positive(seq_len=seq_len, batch=batch, num_batches=num_batches)
-  docs = _documents(prepared_dir, "validation")
+  docs = _documents(readable_dir(prepared_dir), "validation")
   batched = _pack_and_batch(
       docs.to_iter_dataset(grain.ReadOptions(num_threads=0)), seq_len, batch)
   out = []

@@ -11,6 +11,10 @@ Output directory:
 
 Re-running with the same inputs is a no-op; different inputs on a complete
 directory are a DataError (use another directory or delete this one).
+
+The output may be gs://...: it is prepared in (or fetched to) a local cache
+(`storage.cache_dir`) and uploaded from there, the manifest last; readers use
+`readable_dir`, that cache, since ArrayRecord cannot read remote files.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from absl import flags
 from array_record.python import array_record_module
 
 from nitp_jax import cli
+from nitp_jax import storage
 
 from nitp_jax.data import tokenizer as tok_lib
 from nitp_jax.data.corpus import Corpus, open_corpus
@@ -64,6 +69,10 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
     max_tokenizer_chars: size of the tokenizer's training sample.
   """
   _check_arguments(vocab_size, val_fraction, seed, workers)
+  if storage.is_remote(output_dir):
+    return _prepare_remote(output_dir, lambda local: prepare(
+        input, local, vocab_size, tokenizer_path, text_field, val_fraction, seed, workers,
+        max_tokenizer_chars))
   corpus = open_corpus(input, text_field)
   inputs = _inputs(corpus, input, text_field, val_fraction, seed, vocab_size,
                    tokenizer_path)
@@ -154,6 +163,67 @@ def ensure_prepared(data_cfg, vocab_size: int, out_dir: str) -> dict[str, Any]:
                  text_field=data_cfg.text_field,
                  val_fraction=data_cfg.val_fraction, seed=data_cfg.seed,
                  workers=data_cfg.prepare_workers)
+
+
+def _prepare_remote(remote_dir: str, prepare_local) -> dict[str, Any]:
+  """Prepare gs://... through its local cache: fetch it when it is complete
+  remotely, else build it there and upload it (manifest last)."""
+  storage.check(remote_dir)
+  local = storage.cache_dir(remote_dir)
+  local_manifest = os.path.join(local, MANIFEST)
+  remote_manifest = _fetch(remote_dir, local)
+  try:
+    try:
+      manifest = prepare_local(local)
+    except DataError:
+      if remote_manifest is not None or not os.path.isfile(local_manifest):
+        raise
+      # The cache holds other inputs' data, which the bucket does not (one of
+      # these inputs whose upload was cut short is reused by the first call):
+      # it is only a cache, rebuild it.
+      os.remove(local_manifest)
+      manifest = prepare_local(local)
+  except DataError as e:  # name the directory the user gave, not the cache
+    raise DataError(str(e).replace(local, remote_dir)) from e
+  with open(local_manifest, encoding="utf-8") as f:
+    if f.read() != remote_manifest:
+      storage.upload_tree(local, remote_dir, last=(MANIFEST,))
+  return manifest
+
+
+def _fetch(remote_dir: str, local: str) -> str | None:
+  """Make `local` a complete copy of the prepared `remote_dir` (the manifest
+  written last, so an interrupted copy is never taken for complete); the
+  remote manifest's text, None when it has none (not prepared yet)."""
+  remote_manifest = storage.join(remote_dir, MANIFEST)
+  if not storage.exists(remote_manifest):
+    return None
+  text = storage.read_text(remote_manifest)
+  local_manifest = os.path.join(local, MANIFEST)
+  if os.path.isfile(local_manifest):
+    with open(local_manifest, encoding="utf-8") as f:
+      if f.read() == text:
+        return text  # the cache is complete and current
+  manifest = json.loads(text)
+  names = [manifest["tokenizer"]["file"]] + [n for split in SPLITS
+                                             for n in manifest["shards"][split]]
+  for name in names:
+    storage.download(storage.join(remote_dir, name), os.path.join(local, name))
+  storage.write_text(local_manifest, text)
+  return text
+
+
+def readable_dir(prepared_dir: str) -> str:
+  """Where to read a prepared directory's files: itself, or for gs://... its
+  local cache, fetched when missing or stale; DataError when not prepared."""
+  if not storage.is_remote(prepared_dir):
+    return prepared_dir
+  storage.check(prepared_dir)
+  local = storage.cache_dir(prepared_dir)
+  if _fetch(prepared_dir, local) is None:
+    raise DataError(f"{prepared_dir!r} is not a prepared data directory (no {MANIFEST}). "
+                    f"Run `python -m nitp_jax.data.prepare --output={prepared_dir}` first.")
+  return local
 
 
 def load_manifest(prepared_dir: str) -> dict[str, Any]:
