@@ -16,17 +16,18 @@ A stale lock is taken over with a warning. To take over a lock by hand
 passed), delete `<workdir>/lock.json`.
 
 Guarantees. On a local or NFS-like disk the lock is created with O_EXCL: of
-two runs starting at once exactly one gets it. On gs:// the lock is created
-with gcsfs's exclusive mode (`ifGenerationMatch=0`: GCS refuses to overwrite
-an object that exists), then read back; GCS itself guarantees that only one
-creator wins, a store without that precondition (e.g. the local GCS
-emulator) does not, and the read-back only narrows that window. Not
-guaranteed anywhere: taking over a stale lock (move aside, then create) is
-not atomic on object storage, so two runs taking over the same stale lock
-within the same second can both proceed; the other-host staleness test
-compares the clocks of two hosts (keep them within a few minutes of each
-other); a host whose name and pid namespace are shared by several
-containers looks like one host.
+two runs starting at once exactly one gets it, and a stale lock is claimed
+by an atomic rename. On gs:// the lock is created with gcsfs's exclusive
+mode (`ifGenerationMatch=0`: GCS refuses to create an object that exists,
+gcsfs raises FileExistsError), after an existence check and followed by a
+read-back; a store that ignores the precondition (the GCS emulator) narrows
+to the window between that check and the write. Not guaranteed: on object
+storage a stale lock is re-read, deleted and created anew (there is no
+atomic rename), so two runs taking over the same stale lock at the same
+moment can both proceed; the other-host staleness test compares the clocks
+of two hosts (keep them within a few minutes of each other); several
+containers sharing one host name and boot but not their pid namespace look
+like one host (a holder's pid is then judged in the wrong namespace).
 """
 
 from __future__ import annotations
@@ -89,17 +90,25 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
+def _is_local(path: epath.Path) -> bool:
+  return "://" not in os.fspath(path)
+
+
 def create_exclusive(path: epath.Path, data: bytes) -> None:
   """Write a new file; FileExistsError if `path` exists. Local disks:
   O_CREAT | O_EXCL. Object storage: fsspec's exclusive mode "xb" (gcsfs sends
   ifGenerationMatch=0 and maps GCS's 412 to FileExistsError; epath's own
-  open() has no "x" mode)."""
+  open() has no "x" mode), after an existence check for stores that ignore
+  that precondition."""
   name = os.fspath(path)
-  if "://" not in name:
+  if _is_local(path):
     with os.fdopen(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as f:
       f.write(data)
     return
-  with epath.backend.fsspec_backend.fs(name).open(name, "xb") as f:
+  fs = epath.backend.fsspec_backend.fs(name)
+  if fs.exists(name):  # for stores that ignore the precondition (the GCS emulator)
+    raise FileExistsError(name)
+  with fs.open(name, "xb") as f:
     f.write(data)
 
 
@@ -213,12 +222,27 @@ class WorkdirLock:
             "heartbeat": _iso(beat)}
 
   def _take_over(self, holder: dict[str, Any], reason: str, record: dict[str, Any]) -> None:
+    self._remove_stale(holder)
+    if not self._create(record):
+      raise ConfigError(self._in_use_message(self._read() or {}))
+    logging.warning("took over the lock of --workdir=%s from %s pid %s (since %s): %s",
+                    self.workdir, holder.get("host"), holder.get("pid"),
+                    holder.get("started"), reason)
+
+  def _remove_stale(self, holder: dict[str, Any]) -> None:
+    """Remove the lock judged stale, unless another run replaced it first
+    (then ConfigError naming that run). Local disks: an atomic rename claims
+    it. Object storage (no atomic rename): read it again, then delete it."""
+    if not _is_local(self.path):
+      current = self._read() or {}
+      if current.get("token") != holder.get("token"):
+        raise ConfigError(self._in_use_message(current))
+      self.path.unlink(missing_ok=True)
+      return
     aside = self.path.parent / f"{LOCK_FILE}.stale-{self.token}"
     try:
       self.path.rename(aside)
-    except FileNotFoundError:  # someone else moved it first: start over
-      if not self._create(record):
-        raise ConfigError(self._in_use_message(self._read() or {})) from None
+    except FileNotFoundError:  # another run removed it first; the create decides
       return
     moved = self._read(aside) or {}
     if moved.get("token") != holder.get("token"):
@@ -230,11 +254,6 @@ class WorkdirLock:
       aside.unlink(missing_ok=True)
       raise ConfigError(self._in_use_message(moved))
     aside.unlink(missing_ok=True)
-    if not self._create(record):
-      raise ConfigError(self._in_use_message(self._read() or {}))
-    logging.warning("took over the lock of --workdir=%s from %s pid %s (since %s): %s",
-                    self.workdir, holder.get("host"), holder.get("pid"),
-                    holder.get("started"), reason)
 
   def _in_use_message(self, holder: dict[str, Any]) -> str:
     return (f"--workdir={self.workdir} is in use by another run: host {holder.get('host')}, "
@@ -261,9 +280,13 @@ class WorkdirLock:
                     "writing this workdir", self.path, current)
       return
     self._record["heartbeat"] = _iso(_now())
-    tmp = self.path.parent / f"{LOCK_FILE}.{self.token}.tmp"
-    tmp.write_text(json.dumps(self._record, indent=2) + "\n")
-    tmp.replace(self.path)
+    text = json.dumps(self._record, indent=2) + "\n"
+    if _is_local(self.path):  # readers never see half a file
+      tmp = self.path.parent / f"{LOCK_FILE}.{self.token}.tmp"
+      tmp.write_text(text)
+      tmp.replace(self.path)
+    else:  # an object is replaced whole (and a rename would be copy + delete)
+      self.path.write_text(text)
 
   def release(self) -> None:
     """Stop the heartbeat and delete the lock if it is still ours."""

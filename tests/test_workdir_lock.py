@@ -155,3 +155,51 @@ def test_the_lock_goes_when_a_run_fails_with_a_user_error(prepared_dir, tmp_path
   with pytest.raises(DataError):
     train.run(cfg, str(tmp_path / "run"))
   assert os.path.isdir(tmp_path / "run") and not os.path.exists(tmp_path / "run" / "lock.json")
+
+
+def test_the_lock_on_object_storage(tmp_path):
+  """gs:// through gcsfs against the GCS emulator started here (which
+  ignores ifGenerationMatch: the existence check refuses the second run)."""
+  script = textwrap.dedent("""
+      import json, os, socket
+      os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # no 60 s gRPC probe
+      from gcp_storage_emulator.server import create_server
+      with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+      server = create_server("127.0.0.1", port, in_memory=True, default_bucket="bucket")
+      server.start()
+      os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+      import fsspec
+      fsspec.config.conf["gcs"] = {"token": "anon"}
+      from etils import epath
+      from nitp_jax import workdir_lock
+      from nitp_jax.errors import ConfigError
+      path = epath.Path("gs://bucket/run/lock.json")
+      try:
+        lock = workdir_lock.WorkdirLock("gs://bucket/run")
+        lock.acquire()
+        assert json.loads(path.read_text())["token"] == lock.token
+        try:
+          workdir_lock.WorkdirLock("gs://bucket/run").acquire()
+        except ConfigError as e:
+          print("REFUSED", e)
+        lock.refresh()
+        lock.release()
+        assert not path.exists()
+        path.write_text(json.dumps({"host": "other-host", "pid": 7, "token": "old",
+                                    "started": "2020-01-01T00:00:00+00:00",
+                                    "heartbeat": "2020-01-01T00:00:00+00:00"}))
+        with workdir_lock.WorkdirLock("gs://bucket/run") as lock:
+          assert json.loads(path.read_text())["token"] == lock.token
+        print("LEFT", fsspec.filesystem("gcs").find("bucket"))
+      finally:
+        server.stop()
+  """)
+  out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT), timeout=180)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert (f"REFUSED --workdir=gs://bucket/run is in use by another run: host "
+          f"{socket.gethostname()}, pid ") in out.stdout, out.stdout
+  assert "took over the lock of --workdir=gs://bucket/run from other-host pid 7" in out.stderr
+  assert "LEFT []" in out.stdout, out.stdout
