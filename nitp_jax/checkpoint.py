@@ -18,7 +18,6 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from nitp_jax import checkpoint_faults
-from nitp_jax import distributed
 from nitp_jax import errors
 from nitp_jax import layout
 from nitp_jax.errors import CheckpointError
@@ -137,29 +136,33 @@ class Checkpointer:
     if kind != checkpoint_faults.DAMAGED:
       raise CheckpointError(
           f"cannot restore checkpoint {path} ({reason}); it is left as it is. If it is "
-          f"damaged, move it aside (mv {path} {path}.corrupt) and rerun to resume from the "
+          f"damaged, rename it (e.g. to {path}.corrupt) and rerun to resume from the "
           "checkpoint before it.") from error
     logging.warning("checkpoint %s is damaged (%s); trying an older one", path, reason)
     return step, f"{path}: {reason}"
 
   def _move_aside(self, steps: list[int]) -> None:
     """Process 0 renames the damaged `steps` out of Orbax's sight; the
-    others wait for it."""
+    others wait for it (and fail with it)."""
     if not steps:
       return
+    error = None
     if jax.process_index() == 0:
       for step in steps:
         path = os.path.join(self.directory, str(step))
         try:
           moved = checkpoint_faults.move_aside(path)
         except OSError as e:
-          raise CheckpointError(f"cannot move the damaged checkpoint {path} aside "
-                                f"({type(e).__name__}: {e}): move or delete it by hand, "
-                                "then rerun") from e
+          error = CheckpointError(f"cannot move the damaged checkpoint {path} aside "
+                                  f"({type(e).__name__}: {e}): move or delete it by hand, "
+                                  "then rerun")
+          break
         logging.warning("moved the damaged checkpoint %s to %s (kept for inspection; "
                         "delete it when done); training goes on from an older one",
                         path, moved)
-    distributed.barrier("checkpoint_move_aside")
+    if _failure_on_any_process(error) is not None:
+      raise error or CheckpointError(f"process 0 could not move a damaged checkpoint in "
+                                     f"{self.directory} aside: see its message")
     self._manager.reload()
 
   def _warn_incomplete(self) -> None:

@@ -26,7 +26,9 @@ checked by damaging a real checkpoint (tests/test_checkpoint_faults.py):
     state/_METADATA deleted                       ValueError "pytree structure error"
                                                   (indistinguishable from a real
                                                   mismatch: not moved)
-  anything else (permissions, network, timeouts)  unknown: never moved
+  anything else (permissions, network, timeouts;  unknown: never moved
+  config/metadata replaced by a directory gives
+  IsADirectoryError)
 
 Unchanged restores: deleting _CHECKPOINT_METADATA, state/array_metadatas or
 damaging state/_sharding does not stop a restore.

@@ -98,6 +98,16 @@ def test_a_checkpoint_of_another_train_state_is_never_moved(prepared_dir, traine
   assert _listing(ckpts) == ["4", "8"]
 
 
+def test_a_checkpoint_that_fails_for_an_unknown_reason_is_never_moved(prepared_dir, trained,
+                                                                     tmp_path):
+  workdir, ckpts = _copy(trained, tmp_path)
+  _to_directory(os.path.join(ckpts, "8", "config", "metadata"))
+  with pytest.raises(CheckpointError, match=f"cannot restore checkpoint {ckpts}/8 "
+                     r"\(IsADirectoryError: \[Errno 21\] Is a directory: .*\); it is left as it is"):
+    train.run(_cfg(prepared_dir), workdir)
+  assert _listing(ckpts) == ["4", "8"]
+
+
 def test_all_checkpoints_damaged_is_an_error_every_time(prepared_dir, trained, tmp_path):
   workdir, ckpts = _copy(trained, tmp_path)
   for step in ("4", "8"):
@@ -133,7 +143,14 @@ DAMAGE = {
                                   "damaged"),
     "data iterator deleted": (lambda d: _remove(f"{d}/data/process_0-of-1.json"), "damaged"),
     "state deleted": (lambda d: _remove(f"{d}/state"), "damaged"),
+    "config replaced by a directory": (lambda d: _to_directory(f"{d}/config/metadata"),
+                                       "unknown"),
 }
+
+
+def _to_directory(path):
+  os.remove(path)
+  os.mkdir(path)
 
 
 def test_how_orbax_reports_damage_and_how_it_is_classified(prepared_dir, trained, tmp_path):
