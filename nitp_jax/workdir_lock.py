@@ -90,6 +90,14 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
+def _is_time(text: Any) -> bool:
+  try:
+    datetime.datetime.fromisoformat(text)
+  except (TypeError, ValueError):
+    return False
+  return True
+
+
 def _is_local(path: epath.Path) -> bool:
   return "://" not in os.fspath(path)
 
@@ -119,7 +127,10 @@ def stale_reason(holder: dict[str, Any], now: datetime.datetime | None = None) -
     boot = _boot_id()
     if holder.get("boot_id") and boot and holder["boot_id"] != boot:
       return "this host rebooted since"
-    pid = int(holder.get("pid", -1))
+    try:
+      pid = int(holder.get("pid", -1))
+    except (TypeError, ValueError):
+      return f"its pid {holder.get('pid')!r} is not a number"
     if pid <= 0 or not _pid_alive(pid):
       return f"process {pid} is gone"
     started = process_start_time(pid)
@@ -127,10 +138,11 @@ def stale_reason(holder: dict[str, Any], now: datetime.datetime | None = None) -
         started != holder["process_start"]):
       return f"pid {pid} is another process now"
     return None
-  try:
-    beat = datetime.datetime.fromisoformat(holder["heartbeat"])
-  except (KeyError, TypeError, ValueError):
+  if not _is_time(holder.get("heartbeat")):
     return "it has no readable heartbeat"
+  beat = datetime.datetime.fromisoformat(holder["heartbeat"])
+  if beat.tzinfo is None:
+    beat = beat.replace(tzinfo=datetime.timezone.utc)
   age = (now - beat).total_seconds()
   if age > STALE_AFTER_S:
     return f"its heartbeat is {age:.0f} s old (stale after {STALE_AFTER_S:.0f} s)"
@@ -196,6 +208,8 @@ class WorkdirLock:
         continue
       if holder == {}:
         holder = self._unreadable_holder()
+      elif not _is_time(holder.get("heartbeat")):  # not written by us: judge by its age
+        holder = dict(holder, heartbeat=self._unreadable_holder()["heartbeat"])
       reason = stale_reason(holder)
       if reason is None:
         raise ConfigError(self._in_use_message(holder))

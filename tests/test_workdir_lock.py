@@ -54,6 +54,7 @@ def test_a_second_run_on_a_workdir_in_use_exits_at_once_and_changes_nothing(
     metrics = os.path.join(workdir, "metrics.jsonl")
     while not (os.path.exists(metrics) and os.path.getsize(metrics)):
       assert first.poll() is None, first.communicate()
+      time.sleep(0.05)
     first.send_signal(signal.SIGSTOP)
     before = _tree(workdir)
     second = _train(config_file, workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -135,6 +136,18 @@ def test_another_host_holds_the_lock_until_its_heartbeat_is_stale(tmp_path, capl
   finally:
     lock.release()
   assert _holder(tmp_path)["token"] == "third"
+
+
+def test_a_lock_file_without_a_readable_heartbeat_is_judged_by_its_age(tmp_path):
+  path = tmp_path / "lock.json"
+  for text in ("{", json.dumps({"host": "other-host", "pid": 3})):
+    path.write_text(text)  # half written, or not written by nitp_jax
+    with pytest.raises(ConfigError, match="is in use by another run"):
+      workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+    old = time.time() - 11 * 60
+    os.utime(path, (old, old))
+    with workdir_lock.WorkdirLock(str(tmp_path)) as lock:
+      assert _holder(tmp_path)["token"] == lock.token
 
 
 def test_the_holder_rewrites_its_heartbeat(tmp_path, monkeypatch):
