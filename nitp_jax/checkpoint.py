@@ -7,14 +7,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from nitp_jax import checkpoint_faults
 from nitp_jax import errors
 from nitp_jax import layout
 from nitp_jax import storage
@@ -43,6 +45,8 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep,
                                              enable_async_checkpointing=async_save))
+    self._saving: int | None = None  # the step of the save in flight
+    checkpoint_faults.quiet_failed_save_noise()
 
   def steps(self) -> list[int]:
     """Steps with a finished checkpoint, ascending."""
@@ -50,10 +54,17 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator,
            cfg: ml_collections.ConfigDict) -> None:
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        config=ocp.args.JsonSave(json.loads(cfg.to_json()))), force=True)
+    """Start saving `step` (asynchronously). CheckpointError, one line, when
+    this save or the previous one failed (disk full, quota, ...)."""
+    self.wait()
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(data_iterator),
+          config=ocp.args.JsonSave(json.loads(cfg.to_json()))), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(step, e) from e
+    self._saving = step
 
   def saved_process_count(self, step: int) -> int | None:
     """How many processes wrote `step`'s data-iterator state (one file each)."""
@@ -73,17 +84,23 @@ class Checkpointer:
   def restore_latest(self, abstract_state: Any, data_iterator: grain.DatasetIterator,
                      cfg: ml_collections.ConfigDict) -> tuple[int, Any, bool] | None:
     """(step, state, data state restored?) of the newest checkpoint that
-    restores, skipping (with a warning) unreadable ones; None when there is no
-    checkpoint at all. Never falls back to a fresh start when checkpoints
-    exist but none restores."""
+    restores; None when there is no checkpoint at all.
+
+    A damaged checkpoint (files missing or unreadable: see checkpoint_faults)
+    is skipped for an older one and, once an older one restores, moved aside
+    to `<step>.corrupt-<UTC time>`, kept for inspection: left in place, a
+    rerun would retrain up to it and then fail to save over it. A checkpoint
+    of another config or train-state tree, or one that fails for any other
+    reason, stops the run with one line and is never moved. Checkpoints that
+    exist but none of which restores are an error, never a fresh start (and
+    then nothing is moved)."""
     steps = sorted(self._manager.all_steps(), reverse=True)
     self._warn_incomplete()
-    failures = []
+    damaged = []
     for step in steps:
-      try:
-        saved = self.saved_config(step)
-      except Exception as e:  # pylint: disable=broad-except
-        failures.append(self._skip(step, e))
+      saved, error = _attempt(lambda: self.saved_config(step))
+      if error := _failure_on_any_process(error):
+        damaged.append(self._damaged_or_raise(step, error))
         continue
       check_resumable(saved, cfg, self.directory)
       iterator = data_iterator
@@ -93,22 +110,61 @@ class Checkpointer:
             "checkpoint %s was written by another number of processes: its data-iterator "
             "state does not apply, so the data order restarts with a seed derived from the "
             "step (not the order of an uninterrupted run)", os.path.join(self.directory, str(step)))
-      try:
-        return step, self.restore(step, abstract_state, iterator), iterator is not None
-      except Exception as e:  # pylint: disable=broad-except
-        failures.append(self._skip(step, e))
-    if failures:
+      state, error = _attempt(lambda: self.restore(step, abstract_state, iterator))
+      if error := _failure_on_any_process(error):
+        damaged.append(self._damaged_or_raise(step, error))
+        continue
+      self._move_aside([s for s, _ in damaged])
+      return step, state, iterator is not None
+    if damaged:
       raise CheckpointError(
-          f"none of the {len(failures)} checkpoints in {self.directory} can be restored "
-          f"({'; '.join(failures)}). Not starting from scratch over them: repair or move "
-          "that directory away, or use a new --workdir.")
+          f"none of the {len(damaged)} checkpoints in {self.directory} can be restored "
+          f"({'; '.join(reason for _, reason in damaged)}). Not starting from scratch over "
+          "them: repair or move that directory away, or use a new --workdir.")
     return None
 
-  def _skip(self, step: int, error: Exception) -> str:
-    reason = f"{os.path.join(self.directory, str(step))}: {type(error).__name__}: " + (
-        str(error).strip().splitlines() or [""])[0][:200]
-    logging.warning("skipping unreadable checkpoint %s; trying an older one", reason)
-    return reason
+  def _damaged_or_raise(self, step: int, error: Exception) -> tuple[int, str]:
+    """(step, reason) of a damaged checkpoint, after a warning; a
+    CheckpointError for any other failure."""
+    path = os.path.join(self.directory, str(step))
+    kind = checkpoint_faults.classify_restore_error(error)
+    reason = checkpoint_faults.cause(error)
+    if kind == checkpoint_faults.MISMATCHED:
+      raise CheckpointError(
+          f"checkpoint {path} holds another train state than this config builds ({reason}). "
+          "Resume with the config and code version that wrote it, or use a new --workdir; "
+          "the checkpoint is left as it is.") from error
+    if kind != checkpoint_faults.DAMAGED:
+      raise CheckpointError(
+          f"cannot restore checkpoint {path} ({reason}); it is left as it is. If it is "
+          f"damaged, rename it (e.g. to {path}.corrupt) and rerun to resume from the "
+          "checkpoint before it.") from error
+    logging.warning("checkpoint %s is damaged (%s); trying an older one", path, reason)
+    return step, f"{path}: {reason}"
+
+  def _move_aside(self, steps: list[int]) -> None:
+    """Process 0 renames the damaged `steps` out of Orbax's sight; the
+    others wait for it (and fail with it)."""
+    if not steps:
+      return
+    error = None
+    if jax.process_index() == 0:
+      for step in steps:
+        path = os.path.join(self.directory, str(step))
+        try:
+          moved = checkpoint_faults.move_aside(path)
+        except OSError as e:
+          error = CheckpointError(f"cannot move the damaged checkpoint {path} aside "
+                                  f"({type(e).__name__}: {e}): move or delete it by hand, "
+                                  "then rerun")
+          break
+        logging.warning("moved the damaged checkpoint %s to %s (kept for inspection; "
+                        "delete it when done); training goes on from an older one",
+                        path, moved)
+    if _failure_on_any_process(error) is not None:
+      raise error or CheckpointError(f"process 0 could not move a damaged checkpoint in "
+                                     f"{self.directory} aside: see its message")
+    self._manager.reload()
 
   def _warn_incomplete(self) -> None:
     for tmp in sorted(str(t.get()) for t in ocp.path.step.all_temporary_paths(self.directory)):
@@ -126,10 +182,58 @@ class Checkpointer:
     return restored["state"]["params"]
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Wait for the save in flight; CheckpointError if it failed."""
+    step, self._saving = self._saving, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      if step is None:
+        raise
+      raise self._save_failed(step, e) from e
+
+  def _save_failed(self, step: int, error: Exception) -> CheckpointError:
+    """The one-line error of a failed save, after removing what it left
+    (Orbax's `<step>.orbax-checkpoint-tmp*`, which Orbax would also replace
+    on the next save of that step) and quieting its orphaned writes."""
+    checkpoint_faults.collect_orphaned_writes()
+    if jax.process_index() == 0:
+      try:
+        checkpoint_faults.remove_partial_save(self.directory, step)
+      except OSError as e:
+        logging.warning("could not remove the partial checkpoint of step %s: %s", step, e)
+    self._manager.reload()
+    good = [s for s in self.steps() if s < step]
+    last = (f"the last good checkpoint is step {good[-1]} in {self.directory}" if good else
+            f"there is no good checkpoint in {self.directory} yet (a rerun starts from step 0)")
+    return CheckpointError(
+        f"saving the checkpoint of step {step} failed: "
+        f"{checkpoint_faults.save_failure_cause(error)}; {last}. Free space (or raise the "
+        "quota or file-size limit) and rerun the same command to resume.")
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _attempt(fn: Callable[[], Any]) -> tuple[Any, Exception | None]:
+  try:
+    return fn(), None
+  except Exception as e:  # pylint: disable=broad-except  # classified by the caller
+    return None, e
+
+
+def _failure_on_any_process(error: Exception | None) -> Exception | None:
+  """`error`, with all processes of a multi-process run agreeing: a
+  checkpoint that fails on one process fails on all, as the most severe kind
+  any process saw."""
+  if jax.process_count() == 1:
+    return error
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  kinds = checkpoint_faults.KINDS
+  code = -1 if error is None else kinds.index(checkpoint_faults.classify_restore_error(error))
+  worst = int(np.max(multihost_utils.process_allgather(np.int32(code))))
+  if worst < 0 or code == worst:
+    return error
+  return checkpoint_faults.FailedElsewhere(kinds[worst])
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:

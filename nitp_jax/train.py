@@ -25,6 +25,7 @@ from nitp_jax import layout
 from nitp_jax import preemption
 from nitp_jax import sharding
 from nitp_jax import step as step_lib
+from nitp_jax import workdir_lock
 from nitp_jax.data import pipeline, prepare
 from nitp_jax.export import hf
 from nitp_jax.errors import NonFiniteLossError
@@ -54,6 +55,14 @@ class Trainer:
     self.steps = jitted.build(cfg, self.mesh)
     fit.check(self.steps)  # before the workdir, the data and the state exist
     self.workdir = layout.make_workdir(workdir)
+    self.lock = workdir_lock.hold_for_run(self.workdir)  # before writing anything else
+    try:
+      self._build(cfg)
+    except BaseException:
+      self._release_lock()
+      raise
+
+  def _build(self, cfg: ml_collections.ConfigDict) -> None:
     t = cfg.train
     self.is_main = jax.process_index() == 0
     self.data_dir = prepare_data(cfg, self.workdir)
@@ -177,9 +186,16 @@ class Trainer:
     return {"step": step, "eval": last_eval, "preempted": False}
 
   def close(self) -> None:
-    self.checkpointer.wait()
-    self.checkpointer.close()
-    self.log.close()
+    try:
+      self.checkpointer.wait()
+    finally:
+      self.checkpointer.close()
+      self.log.close()
+      self._release_lock()
+
+  def _release_lock(self) -> None:
+    if self.lock is not None:
+      self.lock.release()
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None) -> dict:

@@ -143,11 +143,14 @@ def test_corrupt_latest_falls_back_to_newest_intact(prepared_dir, tmp_path, capl
   finally:
     trainer.close()
   assert int(state["step"]) == 4
-  assert any("checkpoints/8" in r.getMessage() and "skipping" in r.getMessage()
-             for r in caplog.records)
+  assert any("checkpoints/8 is damaged" in r.getMessage() and "trying an older one"
+             in r.getMessage() for r in caplog.records)
 
+  # It was moved aside (tests/test_checkpoint_faults.py); with the older one
+  # damaged too, nothing restores: an error, not a fresh start.
+  assert not os.path.exists(os.path.join(workdir, "checkpoints", "8"))
   _corrupt(os.path.join(workdir, "checkpoints", "4"))
-  with pytest.raises(ckpt_lib.CheckpointError, match="none of the 2 checkpoints .* Not starting "
+  with pytest.raises(ckpt_lib.CheckpointError, match="none of the 1 checkpoints .* Not starting "
                      "from scratch"):
     train.run(cfg, workdir)
 
