@@ -93,7 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
   n.hidden_source = "after_norm"
 
   c.data = d = ml_collections.ConfigDict()
-  d.input = ""                  # path or glob; "" = embedded default corpus
+  d.input = ""                  # files, dirs or globs, comma-separated (.txt .md
+                                # .jsonl[.gz|.zst] .parquet); "" = embedded corpus
   d.prepared_dir = ""           # "" = <workdir>/data
   d.tokenizer = ""              # existing .model; "" = train one
   d.text_field = "text"         # jsonl field

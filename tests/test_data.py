@@ -190,7 +190,7 @@ def test_corpus_errors(tmp_path):
       "b"]
   (tmp_path / "d").mkdir()
   (tmp_path / "d" / "a.png").write_bytes(b"\0")
-  with pytest.raises(DataError, match="has no .txt/.md/.jsonl file"):
+  with pytest.raises(DataError, match="has no .txt/.md/.jsonl/.jsonl.gz/.jsonl.zst/.parquet file"):
     corpus_lib.open_corpus(str(tmp_path / "d"))
 
 

@@ -1,17 +1,23 @@
-"""Text corpora: documents from a file, a directory, a glob, or the default.
+"""Text corpora: documents from files, directories, globs, or the default.
 
 A corpus yields documents (str). `.txt`/`.md` files (and any other file named
-directly or matched by a glob) are one document each; `.jsonl` files hold one
-document per line in a configurable field. A file named directly must be good
-(else DataError); inside a directory or glob a bad file is skipped and
-counted in `Corpus.skipped`.
+directly or matched by a glob) are one document each; `.jsonl`, `.jsonl.gz`
+and `.jsonl.zst` files hold one document per line in a configurable field,
+`.parquet` files one per row of that column (read with pyarrow). A file named
+directly must be good (else DataError); inside a directory or glob a bad file
+is skipped and counted in `Corpus.skipped`.
+
+Several sources are separated by commas; a file reached twice (two sources,
+a symlink, a symlink loop) is read once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
+import gzip
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -23,8 +29,9 @@ from nitp_jax.errors import DataError
 from nitp_jax.flag_names import flag
 
 TEXT_SUFFIXES = (".txt", ".md")
-JSONL_SUFFIXES = (".jsonl",)
-DIRECTORY_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+PARQUET_SUFFIXES = (".parquet",)
+DIRECTORY_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 DEFAULT_NAME = "default"
 _EXCLUDED_STDLIB_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
@@ -100,17 +107,44 @@ class Corpus:
     if self.skipped:
       shown = "; ".join(f"{p}: {r}" for p, r in self.skipped[:3])
       msg += f", {len(self.skipped)} skipped ({shown})"
-    return msg + f". Point {flag('data.input')} at text (.txt/.md) or .jsonl files."
+    return msg + (f". Point {flag('data.input')} at text (.txt/.md), .jsonl(.gz/.zst) or "
+                  ".parquet files.")
 
 
 def open_corpus(spec: str, text_field: str = "text") -> Corpus:
-  """Corpus for a file, directory or glob; "" = `default_corpus()`.
+  """Corpus for comma-separated files, directories or globs; "" =
+  `default_corpus()`.
 
-  Raises DataError when the path does not exist, the glob matches no file,
-  or the directory has no .txt/.md/.jsonl file.
+  Raises DataError when a path does not exist, a glob matches no file, or a
+  directory has no file of a known format.
   """
   if not spec:
     return default_corpus()
+  sources = [s.strip() for s in spec.split(",") if s.strip()]
+  if len(sources) > 1:
+    files = _unique([f for s in sources for f in open_corpus(s, text_field).files])
+    return Corpus(spec, files, direct=False, text_field=text_field)
+  corpus = _open_source(sources[0] if sources else spec, text_field)
+  corpus.files = _unique(corpus.files)
+  return corpus
+
+
+def _unique(files: list[pathlib.Path]) -> list[pathlib.Path]:
+  """`files` without a second path to the same file, in order."""
+  seen, out = set(), []
+  for f in files:
+    real = os.path.realpath(f)
+    if real not in seen:
+      seen.add(real)
+      out.append(f)
+  return out
+
+
+def _is_corpus_file(path: pathlib.Path) -> bool:
+  return path.is_file() and path.name.lower().endswith(DIRECTORY_SUFFIXES)
+
+
+def _open_source(spec: str, text_field: str) -> Corpus:
   path = pathlib.Path(spec).expanduser()
   if glob.has_magic(spec):
     files = sorted(pathlib.Path(p) for p in glob.glob(
@@ -123,8 +157,7 @@ def open_corpus(spec: str, text_field: str = "text") -> Corpus:
   if path.is_file():
     return Corpus(spec, [path], direct=True, text_field=text_field)
   if path.is_dir():
-    files = sorted(p for p in path.rglob("*")
-                   if p.is_file() and p.suffix.lower() in DIRECTORY_SUFFIXES)
+    files = sorted(p for p in path.rglob("*") if _is_corpus_file(p))
     if not files:
       raise DataError(f"{flag('data.input')}={spec!r}: the directory has no "
                       f"{'/'.join(DIRECTORY_SUFFIXES)} file. Add text files "
@@ -153,13 +186,65 @@ def default_corpus() -> Corpus:
                 direct=False, extra=extra)
 
 
-def _read_file(path: pathlib.Path, text_field: str, direct: bool,
-               skipped: list[tuple[str, str]]) -> Iterator[str]:
-  """Documents of one file; _BadFile for an unreadable file."""
+def _read_bytes(path: pathlib.Path) -> bytes:
+  """The file's bytes, decompressed for .gz / .zst; _BadFile if it cannot be."""
   try:
     data = path.read_bytes()
   except OSError as e:
-    raise _BadFile(f"cannot be read ({e.strerror})") from None
+    raise _BadFile(f"cannot be read ({e.strerror or e})") from None
+  name = path.name.lower()
+  if name.endswith(".gz"):
+    decompress, errors = gzip.decompress, (OSError, EOFError)  # BadGzipFile, truncation
+  elif name.endswith(".zst"):
+    import zstandard  # pylint: disable=import-outside-toplevel
+    decompress = lambda d: zstandard.ZstdDecompressor().stream_reader(  # every frame
+        io.BytesIO(d), read_across_frames=True).read()
+    errors = (zstandard.ZstdError,)
+  else:
+    return data
+  kind = name.rsplit(".", 1)[1]
+  try:
+    out = decompress(data)
+  except errors as e:
+    raise _BadFile(f"is not a valid {kind} file ({e})") from None
+  if data and not out:  # zstandard reads a truncated frame as nothing
+    raise _BadFile(f"is not a valid {kind} file (no data decompressed)")
+  return out
+
+
+def _read_parquet(path: pathlib.Path, text_field: str, direct: bool,
+                  skipped: list[tuple[str, str]]) -> Iterator[str]:
+  """One document per row of the `text_field` column."""
+  import pyarrow  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  try:
+    table = pq.ParquetFile(path)
+    columns = table.schema_arrow.names
+  except (pyarrow.ArrowException, OSError) as e:
+    raise _BadFile(f"is not a readable Parquet file ({e})") from None
+  if text_field not in columns:
+    raise _BadFile(f"has no column {text_field!r} (it has {', '.join(columns)}); set "
+                   f"{flag('data.text_field')} to the column holding the text")
+  row = 0
+  for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+    for value in batch.column(0).to_pylist():
+      row += 1
+      if isinstance(value, str):
+        yield value
+        continue
+      reason = f"row {row} has no text in column {text_field!r} ({type(value).__name__})"
+      if direct:
+        raise _BadFile(reason)
+      skipped.append((f"{path}:row {row}", reason))
+
+
+def _read_file(path: pathlib.Path, text_field: str, direct: bool,
+               skipped: list[tuple[str, str]]) -> Iterator[str]:
+  """Documents of one file; _BadFile for an unreadable file."""
+  if path.name.lower().endswith(PARQUET_SUFFIXES):
+    yield from _read_parquet(path, text_field, direct, skipped)
+    return
+  data = _read_bytes(path)
   nul = data.find(b"\0")
   if nul >= 0:
     raise _BadFile(f"is binary (NUL byte at offset {nul}); only UTF-8 text "
@@ -169,7 +254,7 @@ def _read_file(path: pathlib.Path, text_field: str, direct: bool,
   except UnicodeDecodeError as e:
     raise _BadFile(f"is not valid UTF-8 (byte offset {e.start}); convert it "
                    "with e.g. `iconv -t utf-8`") from None
-  if path.suffix.lower() not in JSONL_SUFFIXES:
+  if not path.name.lower().endswith(JSONL_SUFFIXES):
     yield text
     return
   for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines():

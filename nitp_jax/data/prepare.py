@@ -377,7 +377,8 @@ def main(argv: list[str]) -> None:
 
 
 def define_flags() -> None:
-  flags.DEFINE_string("input", "", "File, directory or glob; '' = default "
+  flags.DEFINE_string("input", "", "Files, directories or globs, comma-separated "
+                      "(.txt .md .jsonl .jsonl.gz .jsonl.zst .parquet); '' = default "
                       "corpus (Python stdlib sources + pydoc topics).")
   flags.DEFINE_string("output", None, "Output directory.", required=True)
   flags.DEFINE_integer("vocab_size", 8192, "Tokenizer size = model vocab.")
