@@ -96,7 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.input = ""                  # files, dirs or globs, comma-separated (.txt .md
                                 # .jsonl[.gz|.zst] .parquet); "" = embedded corpus
   d.prepared_dir = ""           # "" = <workdir>/data
-  d.tokenizer = ""              # existing .model; "" = train one
+  d.tokenizer = ""              # .model or tokenizer.json; "" = train one
   d.text_field = "text"         # jsonl field
   d.val_fraction = 0.02
   d.seed = 0                    # held-out split, tokenizer sample, data order
