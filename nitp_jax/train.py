@@ -166,6 +166,12 @@ class Trainer:
           self._report(*pending, throughput)
         pending = (step, metrics)
         preempted = guard.requested(step)
+        # Records first, then the checkpoint: a run killed after the save
+        # resumes past this step and must find all of its records written.
+        if step % t.eval_every == 0 or step == t.steps:
+          last_eval = self._eval(state, step)
+        if t.geometry_every and (step % t.geometry_every == 0 or step == t.steps):
+          self._geometry(state, step)
         if step % t.checkpoint_every == 0 or step == end or preempted:
           self._report(*pending, throughput)
           pending = None
@@ -176,10 +182,6 @@ class Trainer:
                         f"{step} saved in {self.checkpointer.directory}; rerun the same "
                         "command to resume")
           return {"step": step, "eval": last_eval, "preempted": True}
-        if step % t.eval_every == 0 or step == t.steps:
-          last_eval = self._eval(state, step)
-        if t.geometry_every and (step % t.geometry_every == 0 or step == t.steps):
-          self._geometry(state, step)
     if pending is not None:
       self._report(*pending, throughput)
     self.checkpointer.wait()
