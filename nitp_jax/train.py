@@ -166,15 +166,19 @@ class Trainer:
           self._report(*pending, throughput)
         pending = (step, metrics)
         preempted = guard.requested(step)
-        # Records first, then the checkpoint: a run killed after the save
-        # resumes past this step and must find all of its records written.
-        if step % t.eval_every == 0 or step == t.steps:
-          last_eval = self._eval(state, step)
-        if t.geometry_every and (step % t.geometry_every == 0 or step == t.steps):
-          self._geometry(state, step)
-        if step % t.checkpoint_every == 0 or step == end or preempted:
+        evals = step % t.eval_every == 0 or step == t.steps
+        probes = t.geometry_every and (step % t.geometry_every == 0 or step == t.steps)
+        saves = step % t.checkpoint_every == 0 or step == end or preempted
+        if evals or probes or saves:  # this step's train record, timed without the eval
           self._report(*pending, throughput)
           pending = None
+        # Records first, then the checkpoint: a run killed after the save
+        # resumes past this step and must find all of its records written.
+        if evals:
+          last_eval = self._eval(state, step)
+        if probes:
+          self._geometry(state, step)
+        if saves:
           self.save(state, step)
         if preempted:
           self.checkpointer.wait()
