@@ -434,12 +434,8 @@ def architecture_mismatches(hf_cfg: ml_collections.ConfigDict,
   fields = [f"model.{f}" for f in ARCHITECTURE_FIELDS]
   if hf_cfg.model.moe.num_experts or cfg.model.moe.num_experts:
     fields += [f"model.moe.{f}" for f in MOE_ARCHITECTURE_FIELDS]
-  def get(c: ml_collections.ConfigDict, dotted: str):
-    for part in dotted.split("."):
-      c = c[part]
-    return c
-  diffs = [f"{f}: {get(hf_cfg, f)!r} in HF vs {get(cfg, f)!r}" for f in fields
-           if get(hf_cfg, f) != get(cfg, f)]
+  diffs = [f"{f}: {hf_cfg[f]!r} in HF vs {cfg[f]!r}" for f in fields  # dotted ConfigDict keys
+           if hf_cfg[f] != cfg[f]]
   if cfg.model.max_seq_len > hf_cfg.model.max_seq_len:
     diffs.append(f"model.max_seq_len: {cfg.model.max_seq_len} > the HF model's "
                  f"{hf_cfg.model.max_seq_len}")
