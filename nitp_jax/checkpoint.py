@@ -27,6 +27,7 @@ from nitp_jax.errors import CheckpointError
 RESUME_FIELDS = ("model", "nitp.target_layer", "nitp.projector", "nitp.projector_mult",
                  "nitp.variant", "data.input", "data.seed", "data.val_fraction",
                  "data.text_field", "data.shuffle_window", "data.shuffle_seed",
+                 "data.weights", "data.streaming",
                  "train.seq_len", "train.global_batch", "train.seed")
 
 
@@ -259,7 +260,8 @@ def config_mismatches(saved: ml_collections.ConfigDict, current: ml_collections.
 
 # Saved configs from before a field existed hold its then-implied value.
 FIELD_DEFAULTS = {"model.moe.balance_loss": "batch", "model.moe.bias_update_rate": 0.0,
-                  "data.shuffle_window": 0, "data.shuffle_seed": -1}
+                  "data.shuffle_window": 0, "data.shuffle_seed": -1,
+                  "data.weights": "", "data.streaming": False}
 
 
 def _with_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -107,6 +107,13 @@ def base_config() -> ml_collections.ConfigDict:
                                 # shuffled together, so one batch mixes many
                                 # documents; 0 = keep document order
   d.prepare_workers = 2
+  d.weights = ""                # mixture weights of data.input's comma-separated
+                                # sources, e.g. "0.7,0.3" (sampled by weight);
+                                # "" = every document once per epoch
+  d.streaming = False           # tokenize on the fly, each process reading its
+                                # own files; False = prepare shards once
+  d.max_bad_fraction = 0.01     # malformed records skipped and counted; above
+                                # this fraction of records the run stops
 
   c.init = ml_collections.ConfigDict()
   c.init.from_hf = ""           # HF Llama/Qwen2/Qwen2-MoE directory: the backbone
@@ -276,6 +283,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if cfg.data.shuffle_seed != -1:  # -1: data.seed
     _seed(cfg, "data.shuffle_seed")
   _non_negative(cfg, "data.shuffle_window", note=" (0 = no shuffle)")
+  if not 0 <= cfg.data.max_bad_fraction <= 1:
+    _fail("data.max_bad_fraction", cfg.data.max_bad_fraction, "must be in [0, 1]")
+  data_weights(cfg)
   for axis in ("data", "fsdp", "tensor", "expert"):
     v = cfg.mesh[axis]
     if isinstance(v, bool) or not isinstance(v, int) or (v != -1 and v < 1):
@@ -356,6 +366,32 @@ def paper_moe(*, d_model: int, num_moe_layers: int, num_heads: int, num_kv_heads
   e.expert_ffn = e.shared_expert_ffn = expert_ffn
   e.aux_loss_weight = 0.001
   return paper_recipe(c, **recipe)
+
+
+def data_sources(cfg: ml_collections.ConfigDict) -> list[str]:
+  """data.input's comma-separated sources ([] = the embedded corpus)."""
+  return [s.strip() for s in cfg.data.input.split(",") if s.strip()]
+
+
+def data_weights(cfg: ml_collections.ConfigDict) -> list[float] | None:
+  """data.weights as one float per source, normalised to sum 1; None when
+  unset. ConfigError unless there is one positive number per source."""
+  text = cfg.data.weights.strip()
+  if not text:
+    return None
+  sources = data_sources(cfg)
+  try:
+    weights = [float(w) for w in text.split(",")]
+  except ValueError:
+    weights = []
+  if not weights or not all(math.isfinite(w) and w > 0 for w in weights):
+    _fail("data.weights", cfg.data.weights, "must be positive numbers separated by commas, "
+          "one per data.input source (e.g. '0.7,0.3')")
+  if len(weights) != len(sources):
+    _fail("data.weights", cfg.data.weights, f"has {len(weights)} weight(s) but data.input "
+          f"has {len(sources)} comma-separated source(s): give one weight per source")
+  total = sum(weights)
+  return [w / total for w in weights]
 
 
 def order_seed(cfg: ml_collections.ConfigDict) -> int:
