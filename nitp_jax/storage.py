@@ -263,3 +263,8 @@ def _probe(path: str) -> None:
     raise StorageError(f"cannot use {path} ({type(e).__name__}: {errors.one_line(e)[:200]}): "
                        "check the bucket name and that your credentials may read and write "
                        "it") from e
+
+
+def epath(path: str):
+  """An etils.epath.Path for `path` (for gs://, set up as this module uses it)."""
+  return _epath(path)

@@ -67,6 +67,9 @@ class Trainer:
     self.is_main = jax.process_index() == 0
     self.data_dir = prepare_data(cfg, self.workdir)
     self.log = MetricsLog(self.workdir, enabled=self.is_main)
+    weights = config_lib.data_weights(cfg)
+    if weights and len(weights) > 1:
+      self.log.info(pipeline.describe_mixture(self.data_dir, weights))
     self.train_iter = self._train_iterator(config_lib.order_seed(cfg))
     self.eval_batches = pipeline.make_eval_batches(
         self.data_dir, t.seq_len, t.global_batch, t.eval_batches)
@@ -78,7 +81,8 @@ class Trainer:
     t = self.cfg.train
     return pipeline.make_train_iterator(self.data_dir, t.seq_len, t.global_batch, seed=seed,
                                         worker_count=self.cfg.data.worker_count,
-                                        shuffle_window=self.cfg.data.shuffle_window)
+                                        shuffle_window=self.cfg.data.shuffle_window,
+                                        weights=config_lib.data_weights(self.cfg))
 
   def initial_state(self) -> step_lib.State:
     restored = self.checkpointer.restore_latest(self.steps.abstract_state, self.train_iter,

@@ -7,8 +7,13 @@ and `.jsonl.zst` files hold one document per line in a configurable field,
 directly must be good (else DataError); inside a directory or glob a bad file
 is skipped and counted in `Corpus.skipped`.
 
+Already tokenized documents come as int64 id arrays instead of str: each
+record of an `.array_record` file (int32 ids, the format of our own shards),
+and each row of a Parquet column of integer lists (nitp_jax.data.token_files).
+
 Several sources are separated by commas; a file reached twice (two sources,
-a symlink, a symlink loop) is read once.
+a symlink, a symlink loop) is read once, for the first source naming it.
+Paths may be gs://... (read through nitp_jax.storage).
 """
 
 from __future__ import annotations
@@ -21,17 +26,25 @@ import io
 import json
 import os
 import pathlib
+import posixpath
 import sys
 import sysconfig
-from typing import Iterator
+from typing import Iterator, Union
 
+import numpy as np
+
+from nitp_jax import storage
+from nitp_jax.data import token_files
 from nitp_jax.errors import DataError
 from nitp_jax.flag_names import flag
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 PARQUET_SUFFIXES = (".parquet",)
+# Not .array_record: a prepared directory holds train- and validation- shards;
+# name the ones to read by a glob (e.g. 'prepared/train-*.array_record').
 DIRECTORY_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+Document = Union[str, np.ndarray]  # text, or token ids of a pre-tokenized file
 DEFAULT_NAME = "default"
 _EXCLUDED_STDLIB_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
@@ -52,6 +65,9 @@ class Corpus:
     extra: in-memory (name, text) documents read after the files.
     skipped: (path, reason) of bad files or lines, filled while iterating.
     empty_documents: documents skipped because they are blank.
+    source_of: str(file) -> index of the comma-separated source that named
+      it first (absent = 0).
+    reading: while iterating, the file of the last document (None: `extra`).
   """
   name: str
   files: list[pathlib.Path]
@@ -60,15 +76,18 @@ class Corpus:
   extra: list[tuple[str, str]] = dataclasses.field(default_factory=list)
   skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
   empty_documents: int = 0
+  source_of: dict[str, int] = dataclasses.field(default_factory=dict)
+  reading: pathlib.Path | None = None
 
-  def __iter__(self) -> Iterator[str]:
+  def __iter__(self) -> Iterator[Document]:
     """Yield non-blank documents; DataError if there are none."""
     self.skipped, self.empty_documents = [], 0
     count = 0
     for path in self.files:
+      self.reading = path
       try:
         for doc in _read_file(path, self.text_field, self.direct, self.skipped):
-          if doc.strip():
+          if _non_blank(doc):
             count += 1
             yield doc
           else:
@@ -77,6 +96,7 @@ class Corpus:
         if self.direct:
           raise DataError(f"{path}: {e.args[0]}") from None
         self.skipped.append((str(path), e.args[0]))
+    self.reading = None
     for _, doc in self.extra:
       if doc.strip():
         count += 1
@@ -89,11 +109,13 @@ class Corpus:
   def fingerprint(self) -> str:
     """sha256 over relative file names and sizes (cheap: no contents read)."""
     h = hashlib.sha256()
-    root = os.path.commonpath(self.files) if self.files else ""
-    if len(self.files) == 1:
-      root = os.path.dirname(root)
-    for path in self.files:
-      name = os.path.relpath(path, root)
+    paths = [str(p) for p in self.files]
+    # posixpath: keeps gs:// intact (os.path would normalise "//" away).
+    root = posixpath.commonpath(paths) if paths else ""
+    if len(paths) == 1:
+      root = posixpath.dirname(root)
+    for path, text in zip(self.files, paths):
+      name = text[len(root):].lstrip("/")
       h.update(f"{name}\0{path.stat().st_size}\n".encode())
     for name, doc in self.extra:
       h.update(f"{name}\0{len(doc)}\n".encode())
@@ -122,8 +144,12 @@ def open_corpus(spec: str, text_field: str = "text") -> Corpus:
     return default_corpus()
   sources = [s.strip() for s in spec.split(",") if s.strip()]
   if len(sources) > 1:
-    files = _unique([f for s in sources for f in open_corpus(s, text_field).files])
-    return Corpus(spec, files, direct=False, text_field=text_field)
+    named = [(i, f) for i, s in enumerate(sources) for f in open_corpus(s, text_field).files]
+    files = _unique([f for _, f in named])
+    source_of = {}
+    for i, f in named:
+      source_of.setdefault(str(f), i)
+    return Corpus(spec, files, direct=False, text_field=text_field, source_of=source_of)
   corpus = _open_source(sources[0] if sources else spec, text_field)
   corpus.files = _unique(corpus.files)
   return corpus
@@ -133,7 +159,7 @@ def _unique(files: list[pathlib.Path]) -> list[pathlib.Path]:
   """`files` without a second path to the same file, in order."""
   seen, out = set(), []
   for f in files:
-    real = os.path.realpath(f)
+    real = str(f) if storage.is_remote(str(f)) else os.path.realpath(f)
     if real not in seen:
       seen.add(real)
       out.append(f)
@@ -144,7 +170,13 @@ def _is_corpus_file(path: pathlib.Path) -> bool:
   return path.is_file() and path.name.lower().endswith(DIRECTORY_SUFFIXES)
 
 
+def _non_blank(doc: Document) -> bool:
+  return bool(doc.strip()) if isinstance(doc, str) else doc.size > 0
+
+
 def _open_source(spec: str, text_field: str) -> Corpus:
+  if storage.is_remote(spec):
+    return _open_remote_source(spec, text_field)
   path = pathlib.Path(spec).expanduser()
   if glob.has_magic(spec):
     files = sorted(pathlib.Path(p) for p in glob.glob(
@@ -166,6 +198,25 @@ def _open_source(spec: str, text_field: str) -> Corpus:
   raise DataError(f"{flag('data.input')}={spec!r} does not exist. Give an existing file, "
                   f"directory or glob, or an empty {flag('data.input')} for the default "
                   "corpus.")
+
+
+def _open_remote_source(spec: str, text_field: str) -> Corpus:
+  """A gs://... file, directory or glob, its files as etils.epath paths."""
+  storage.check(spec)
+  if glob.has_magic(spec):
+    files = [p for p in storage.glob(spec) if storage.isfile(p)]
+    kind = "glob matches"
+  elif storage.isfile(spec):
+    return Corpus(spec, [storage.epath(spec)], direct=True, text_field=text_field)
+  else:
+    files = [p for p in storage.glob(spec.rstrip("/") + "/**")
+             if p.lower().endswith(DIRECTORY_SUFFIXES)]
+    kind = "path (a directory) holds"
+  if not files:
+    raise DataError(f"{flag('data.input')}={spec!r}: the {kind} no "
+                    f"{'/'.join(DIRECTORY_SUFFIXES)} file. Check the path.")
+  return Corpus(spec, [storage.epath(p) for p in sorted(files)], direct=False,
+                text_field=text_field)
 
 
 def default_corpus() -> Corpus:
@@ -218,24 +269,39 @@ def _read_parquet(path: pathlib.Path, text_field: str, direct: bool,
   import pyarrow  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   try:
-    table = pq.ParquetFile(path)
+    table = pq.ParquetFile(_local_or_bytes(path))
     columns = table.schema_arrow.names
   except (pyarrow.ArrowException, OSError) as e:
     raise _BadFile(f"is not a readable Parquet file ({e})") from None
   if text_field not in columns:
     raise _BadFile(f"has no column {text_field!r} (it has {', '.join(columns)}); set "
                    f"{flag('data.text_field')} to the column holding the text")
+  tokens = token_files.is_token_column(table.schema_arrow.field(text_field).type)
   row = 0
   for batch in table.iter_batches(columns=[text_field], batch_size=1024):
     for value in batch.column(0).to_pylist():
       row += 1
-      if isinstance(value, str):
+      if isinstance(value, str) and not tokens:
         yield value
         continue
-      reason = f"row {row} has no text in column {text_field!r} ({type(value).__name__})"
+      if tokens and value is not None:
+        yield np.asarray(value, dtype=np.int64)  # ids checked against the tokenizer later
+        continue
+      what = "token ids" if tokens else "text"
+      reason = f"row {row} has no {what} in column {text_field!r} ({type(value).__name__})"
       if direct:
         raise _BadFile(reason)
       skipped.append((f"{path}:row {row}", reason))
+
+
+def _local(path) -> str:
+  """A local file with `path`'s bytes (a remote one is downloaded to the cache)."""
+  return storage.local_copy(str(path))
+
+
+def _local_or_bytes(path):
+  """What pyarrow opens: a local path, or a remote file's bytes."""
+  return io.BytesIO(path.read_bytes()) if storage.is_remote(str(path)) else path
 
 
 def _read_file(path: pathlib.Path, text_field: str, direct: bool,
@@ -243,6 +309,12 @@ def _read_file(path: pathlib.Path, text_field: str, direct: bool,
   """Documents of one file; _BadFile for an unreadable file."""
   if path.name.lower().endswith(PARQUET_SUFFIXES):
     yield from _read_parquet(path, text_field, direct, skipped)
+    return
+  if path.name.lower().endswith(token_files.ARRAY_RECORD_SUFFIXES):
+    try:
+      yield from token_files.read_array_record(_local(path))
+    except token_files.BadRecords as e:
+      raise _BadFile(e.args[0]) from None
     return
   data = _read_bytes(path)
   nul = data.find(b"\0")

@@ -18,6 +18,15 @@ the consecutive pieces of one long document spread over many batches instead
 of filling one. Pieces are first-fit packed into B_local rows at a time and
 batched; epochs repeat forever.
 
+Mixture (`weights`, one per comma-separated source of a directory prepared
+from several): each source's documents are shuffled per epoch and split over
+processes as above, repeated forever, and grain's `MapDataset.mix` interleaves
+them deterministically (no randomness of its own) so that a weight is the
+share of training TOKENS from that source: documents are drawn in proportion
+to weight / mean document length (from the manifest). grain rounds the
+proportions to integers with the smallest at 100, so shares are exact to
+about 1% relative. Without weights the order is the unweighted one above.
+
 Checkpointing: the iterator is a `grain.DatasetIterator`; `get_state()` is a
 JSON-able dict and `set_state(state)` resumes exactly. With Orbax, put it in
 the same checkpoint as the model (file name per jax process):
@@ -35,7 +44,9 @@ installed (pinned in requirements.txt).
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Any, Sequence
 
 import grain
 import numpy as np
@@ -147,8 +158,8 @@ def _check_positive(**values: int) -> None:
 def make_train_dataset(prepared_dir: str, seq_len: int, global_batch: int,
                        seed: int, process_index: int | None = None,
                        process_count: int | None = None, worker_count: int = 0,
-                       num_epochs: int | None = None, shuffle_window: int = 0
-                       ) -> grain.IterDataset:
+                       num_epochs: int | None = None, shuffle_window: int = 0,
+                       weights: Sequence[float] | None = None) -> grain.IterDataset:
   """The training IterDataset of this process: batches [global/P, seq_len].
 
   Args:
@@ -161,6 +172,8 @@ def make_train_dataset(prepared_dir: str, seq_len: int, global_batch: int,
     num_epochs: None repeats forever; a number ends the data (the last batch
       is padded to full size), for tests and evaluation.
     shuffle_window: pieces shuffled together (0 = in document order).
+    weights: share of tokens per source (config.data_weights); None = every
+      document once per epoch.
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -180,8 +193,13 @@ def make_train_dataset(prepared_dir: str, seq_len: int, global_batch: int,
     raise DataError(f"worker_count={worker_count} is invalid: must be >= 0")
   if shuffle_window < 0:
     raise DataError(f"shuffle_window={shuffle_window} is invalid: must be >= 0")
-  local = local_documents(prepared_dir, seed, process_index, process_count,
-                          num_epochs)
+  if weights is not None and len(weights) > 1:
+    if num_epochs is not None:
+      raise DataError("a weighted mixture has no epochs: pass num_epochs=None")
+    local = mixed_documents(prepared_dir, weights, seed, process_index, process_count)
+  else:
+    local = local_documents(prepared_dir, seed, process_index, process_count,
+                            num_epochs)
   batched = _pack_and_batch(
       local.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS)),
       seq_len, global_batch // process_count, shuffle_window,
@@ -223,16 +241,75 @@ def local_documents(prepared_dir: str, seed: int, process_index: int,
                                process_count, num_epochs)
 
 
+def _source_table(prepared_dir: str, weights: Sequence[float]) -> list[dict[str, Any]]:
+  """The manifest's per-source entries, one per weight; DataError otherwise."""
+  sources = load_manifest(prepared_dir).get("sources")
+  if not sources:
+    raise DataError(f"{prepared_dir!r} was not prepared per source (one source, or prepared "
+                    f"before per-source shards), so {flag('data.weights')} cannot mix it: "
+                    f"prepare into a new {flag('data.prepared_dir')}")
+  if len(sources) != len(weights):
+    raise DataError(f"{flag('data.weights')} has {len(weights)} weights but {prepared_dir!r} "
+                    f"was prepared from {len(sources)} sources")
+  for src in sources:
+    if not src["documents"]["train"]:
+      raise DataError(f"source {src['input']!r} has no training documents in "
+                      f"{prepared_dir!r}: give it more documents or drop it from "
+                      f"{flag('data.input')} and {flag('data.weights')}")
+  return sources
+
+
+def mixed_documents(prepared_dir: str, weights: Sequence[float], seed: int,
+                    process_index: int, process_count: int) -> grain.MapDataset:
+  """Training documents of this process drawn from the sources so that
+  source i supplies about weights[i] of the tokens; infinite."""
+  sources = _source_table(prepared_dir, weights)
+  local = readable_dir(prepared_dir)
+  parts = []
+  for i, src in enumerate(sources):
+    paths = [os.path.join(local, name) for name in src["shards"]["train"]]
+    docs = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths)).map(_decode)
+    if len(docs) < process_count:
+      raise DataError(f"source {src['input']!r} has {len(docs)} training documents, fewer "
+                      f"than the {process_count} processes; give it more documents.")
+    epochs = docs.shuffle(seed=_source_seed(seed, i)).repeat()
+    parts.append(_EpochShardMapDataset(epochs, len(docs), process_index, process_count,
+                                       None))
+  return grain.MapDataset.mix(parts, document_weights(sources, weights))
+
+
+def document_weights(sources: Sequence[dict[str, Any]], weights: Sequence[float]
+                     ) -> list[float]:
+  """Per-source document proportions giving `weights` as token shares:
+  weight / mean training-document length."""
+  mean = [src["tokens"]["train"] / src["documents"]["train"] for src in sources]
+  return [w / m for w, m in zip(weights, mean)]
+
+
+def describe_mixture(prepared_dir: str, weights: Sequence[float]) -> str:
+  """One line: each source's weight, training documents and tokens."""
+  sources = _source_table(readable_dir(prepared_dir), weights)
+  return "data mixture (share of tokens): " + "; ".join(
+      f"{src['input']} -> {w:.3f} ({src['documents']['train']:,} documents, "
+      f"{src['tokens']['train']:,} tokens)" for src, w in zip(sources, weights))
+
+
+def _source_seed(seed: int, source: int) -> int:
+  """The document-order seed of one source of a mixture."""
+  return int(np.random.SeedSequence([seed, source, 2]).generate_state(1)[0])
+
+
 def make_train_iterator(prepared_dir: str, seq_len: int, global_batch: int,
                         seed: int, process_index: int | None = None,
                         process_count: int | None = None,
                         worker_count: int = 0,
                         num_epochs: int | None = None,
-                        shuffle_window: int = 0) -> grain.DatasetIterator:
+                        shuffle_window: int = 0,
+                        weights: Sequence[float] | None = None) -> grain.DatasetIterator:
   """`iter(make_train_dataset(...))`: checkpointable with get/set_state."""
   return iter(make_train_dataset(prepared_dir, seq_len, global_batch, seed,
                                  process_index, process_count, worker_count,
-                                 num_epochs, shuffle_window))
+                                 num_epochs, shuffle_window, weights))
 
 
 def make_eval_batches(prepared_dir: str, seq_len: int, batch: int,

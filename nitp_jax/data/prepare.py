@@ -9,6 +9,17 @@ Output directory:
   validation-NNNNN.array_record   held-out documents (split by document)
   manifest.json                   written last; its presence = complete
 
+With several comma-separated sources, each source's documents get shards of
+their own (`train-s{i}-NNNNN...`) and the manifest lists them per source
+("sources"), so the training pipeline can mix sources by `data.weights`; the
+top-level "shards" lists all of them in source order, which is the document
+order of one shard sequence (a directory prepared before per-source shards
+still loads; only weights need them).
+
+Pre-tokenized files (.array_record, Parquet columns of integer lists: see
+token_files) need the tokenizer their ids came from (`--tokenizer`); their
+documents get EOS appended unless they already end with it.
+
 Re-running with the same inputs is a no-op; different inputs on a complete
 directory are a DataError (use another directory or delete this one).
 
@@ -31,6 +42,7 @@ from array_record.python import array_record_module
 from nitp_jax import cli
 from nitp_jax import storage
 
+from nitp_jax.data import token_files
 from nitp_jax.data import tokenizer as tok_lib
 from nitp_jax.data.corpus import Corpus, open_corpus
 from nitp_jax.errors import DataError
@@ -74,6 +86,8 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
         input, local, vocab_size, tokenizer_path, text_field, val_fraction, seed, workers,
         max_tokenizer_chars))
   corpus = open_corpus(input, text_field)
+  if not tokenizer_path:
+    _check_no_token_files(corpus, text_field)
   inputs = _inputs(corpus, input, text_field, val_fraction, seed, vocab_size,
                    tokenizer_path)
   existing = _check_existing(output_dir, inputs)
@@ -91,7 +105,7 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
     tok_lib.copy_tokenizer(tokenizer_path, model_path)
   else:
     sample = _tokenizer_sample(lengths, max_tokenizer_chars, seed)
-    docs = (d for i, d in enumerate(corpus) if i in sample)
+    docs = (d for i, d in enumerate(corpus) if i in sample and isinstance(d, str))
     try:
       tok_lib.train_tokenizer(docs, vocab_size, model_path[:-len(".model")],
                               max_chars=max_tokenizer_chars,
@@ -103,7 +117,8 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
   tokenizer = tok_lib.load_tokenizer(model_path)
   tok_lib.check_fits(tokenizer.vocab_size, vocab_size)
   val = _validation_ids(len(lengths), val_fraction, seed)
-  counts = _write_shards(corpus, tokenizer, val, output_dir, max(1, workers))
+  counts = _write_shards(corpus, tokenizer, val, output_dir, max(1, workers),
+                         len(_sources(input)))
   manifest = {
       "format_version": FORMAT_VERSION,
       "inputs": inputs,
@@ -149,6 +164,19 @@ def _default_corpus_too_small(e: tok_lib.CorpusTooSmallError) -> str:
           f"{flag('data.input')}=PATH_OR_GLOB (.txt/.md/.jsonl), or a tokenizer of at most "
           f"{e.vocab_size} tokens (SentencePiece .model or HuggingFace tokenizer.json, "
           f"e.g. Qwen2's) with {flag('data.tokenizer')}=FILE")
+
+
+def _sources(spec: str) -> list[str]:
+  """The comma-separated sources of `spec` ([""] = the default corpus)."""
+  return [x.strip() for x in spec.split(",") if x.strip()] or [""]
+
+
+def _check_no_token_files(corpus: Corpus, text_field: str) -> None:
+  """DataError when a file holds token ids but no tokenizer was given."""
+  for path in corpus.files:
+    if token_files.is_token_file(path, text_field):
+      raise DataError(f"{path} holds token ids: pass the tokenizer they came from with "
+                      f"{flag('data.tokenizer')}=FILE (.model or tokenizer.json)")
 
 
 def ensure_prepared(data_cfg, vocab_size: int, out_dir: str) -> dict[str, Any]:
@@ -307,10 +335,12 @@ def _validation_ids(num_docs: int, val_fraction: float, seed: int) -> set[int]:
   return set(order[:num_val].tolist())
 
 
-def _chunks(corpus: Corpus) -> Iterator[list[str]]:
+def _chunks(corpus: Corpus) -> Iterator[list[tuple[int, Any, Any]]]:
+  """(source index, file, document) in corpus order, CHUNK_CHARS at a time."""
   chunk, size = [], 0
   for doc in corpus:
-    chunk.append(doc)
+    path = corpus.reading
+    chunk.append((corpus.source_of.get(str(path), 0), path, doc))
     size += len(doc)
     if size >= CHUNK_CHARS:
       yield chunk
@@ -319,11 +349,26 @@ def _chunks(corpus: Corpus) -> Iterator[list[str]]:
     yield chunk
 
 
+def _encode(tokenizer: tok_lib.Tokenizer, chunk: list[tuple[int, Any, Any]],
+            threads: int) -> list[np.ndarray]:
+  """Token ids + EOS of each document: texts encoded, token ids checked."""
+  texts = [doc for _, _, doc in chunk if isinstance(doc, str)]
+  encoded = iter(tok_lib.encode_documents(tokenizer, texts, threads) if texts else [])
+  out = []
+  for _, path, doc in chunk:
+    if isinstance(doc, str):
+      out.append(next(encoded))
+    else:
+      token_files.check_ids(doc, tokenizer.vocab_size, path)
+      out.append(token_files.with_eos(doc, tokenizer.eos_id))
+  return out
+
+
 class _ShardWriter:
   """Writes one split's records, starting a new shard every SHARD_TOKENS."""
 
-  def __init__(self, output_dir: str, split: str):
-    self.output_dir, self.split = output_dir, split
+  def __init__(self, output_dir: str, split: str, prefix: str = ""):
+    self.output_dir, self.split, self.prefix = output_dir, split, prefix
     self.shards: list[str] = []
     self.documents = self.tokens = 0
     self._writer, self._shard_tokens = None, 0
@@ -331,7 +376,7 @@ class _ShardWriter:
   def write(self, ids: np.ndarray) -> None:
     if self._writer is None or self._shard_tokens >= SHARD_TOKENS:
       self.close()
-      name = f"{self.split}-{len(self.shards):05d}.array_record"
+      name = f"{self.split}-{self.prefix}{len(self.shards):05d}.array_record"
       self.shards.append(name)
       self._writer = array_record_module.ArrayRecordWriter(
           os.path.join(self.output_dir, name), WRITER_OPTIONS)
@@ -348,19 +393,34 @@ class _ShardWriter:
 
 
 def _write_shards(corpus: Corpus, tokenizer: tok_lib.Tokenizer, val: set[int],
-                  output_dir: str, threads: int) -> dict[str, Any]:
-  """Tokenize every document into its split's shards; counts per split."""
-  writers = {s: _ShardWriter(output_dir, s) for s in SPLITS}
+                  output_dir: str, threads: int, num_sources: int = 1) -> dict[str, Any]:
+  """Tokenize every document into its split's (and, with several sources,
+  its source's) shards; counts per split, and per source when several."""
+  prefix = (lambda i: f"s{i}-") if num_sources > 1 else (lambda i: "")
+  writers = [{s: _ShardWriter(output_dir, s, prefix(i)) for s in SPLITS}
+             for i in range(num_sources)]
   index = 0
   for chunk in _chunks(corpus):
-    for ids in tok_lib.encode_documents(tokenizer, chunk, threads):
-      writers["validation" if index in val else "train"].write(ids)
+    for (source, _, _), ids in zip(chunk, _encode(tokenizer, chunk, threads)):
+      writers[source]["validation" if index in val else "train"].write(ids)
       index += 1
-  for w in writers.values():
+  for w in (w for ws in writers for w in ws.values()):
     w.close()
-  return {"documents": {s: w.documents for s, w in writers.items()},
-          "tokens": {s: w.tokens for s, w in writers.items()},
-          "shards": {s: w.shards for s, w in writers.items()}}
+  counts = lambda ws: {
+      "documents": {s: w.documents for s, w in ws.items()},
+      "tokens": {s: w.tokens for s, w in ws.items()},
+      "shards": {s: w.shards for s, w in ws.items()}}
+  per_source = [counts(ws) for ws in writers]
+  out = {key: {s: (sum if key != "shards" else _concat)(c[key][s] for c in per_source)
+               for s in SPLITS} for key in ("documents", "tokens", "shards")}
+  if num_sources > 1:
+    out["sources"] = [{"input": spec, **c}
+                      for spec, c in zip(_sources(corpus.name), per_source)]
+  return out
+
+
+def _concat(lists) -> list:
+  return [x for xs in lists for x in xs]
 
 
 def main(argv: list[str]) -> None:
