@@ -1,6 +1,7 @@
 """Prepared data from several sources: mixtures by weight (shares of tokens,
-deterministic, resumable) and pre-tokenized inputs (Parquet lists of ids,
-ArrayRecord id records)."""
+deterministic, resumable), pre-tokenized inputs (Parquet lists of ids,
+ArrayRecord id records) and gs:// inputs (the GCS emulator of
+test_object_storage)."""
 
 import json
 import os
@@ -11,9 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from array_record.python import array_record_module
 
+from nitp_jax import storage
 from nitp_jax.data import pipeline
 from nitp_jax.data import prepare as prepare_lib
 from nitp_jax.errors import DataError
+from tests.test_object_storage import BUCKET, emulator  # noqa: F401  # pylint: disable=unused-import
 
 VOCAB = 301            # "<|endoftext|>" = 0, then w1 ... w300
 EOS = 0
@@ -186,3 +189,29 @@ def test_text_and_token_sources_mix(sources, tmp_path):
   docs = [d.tolist() for d in pipeline._documents(str(tmp_path / "p"), "train")]  # pylint: disable=protected-access
   assert docs == [[3, 4, 5, EOS], [6, EOS], [7, 8, EOS]]
   assert [s["documents"]["train"] for s in m["sources"]] == [2, 1]
+
+
+def test_gs_inputs_glob_directory_and_token_file(emulator, sources, tmp_path):  # pylint: disable=redefined-outer-name
+  base = f"gs://{BUCKET}/corpus-inputs"
+  storage.write_text(f"{base}/x/1.jsonl", '{"text": "w1 w2"}\n{"text": "w3"}\n')
+  storage.write_text(f"{base}/x/2.jsonl", '{"text": "w4"}\n')
+  storage.write_text(f"{base}/x/skip.txt", "w9")  # not matched by the glob
+  storage.write_text(f"{base}/d/sub/3.jsonl", '{"text": "w5 w6"}\n')
+  ids = tmp_path / "ids.array_record"
+  _write_array_record(ids, [np.array([7, 8, EOS], np.int32)])
+  storage.upload(str(ids), f"{base}/ids.array_record")
+  _write_parquet(tmp_path / "4.parquet", [np.array([9, 10], np.int32)])
+  storage.upload(str(tmp_path / "4.parquet"), f"{base}/d/sub/4.parquet")
+  spec = f"{base}/x/*.jsonl,{base}/d,{base}/ids.array_record"
+  out = str(tmp_path / "p")
+  m = prepare_lib.prepare(spec, out, VOCAB, tokenizer_path=sources["tokenizer"],
+                          val_fraction=0)
+  docs = [d.tolist() for d in pipeline._documents(out, "train")]  # pylint: disable=protected-access
+  assert docs == [[1, 2, EOS], [3, EOS], [4, EOS], [5, 6, EOS], [9, 10, EOS], [7, 8, EOS]]
+  assert [s["documents"]["train"] for s in m["sources"]] == [3, 2, 1]
+  # Same inputs: reused (the fingerprint reads object names and sizes).
+  assert prepare_lib.prepare(spec, out, VOCAB, tokenizer_path=sources["tokenizer"],
+                             val_fraction=0) == m
+  with pytest.raises(DataError, match="glob matches no"):
+    prepare_lib.prepare(f"{base}/none/*.jsonl", str(tmp_path / "q"), VOCAB,
+                        tokenizer_path=sources["tokenizer"])

@@ -116,7 +116,7 @@ class Corpus:
       root = posixpath.dirname(root)
     for path, text in zip(self.files, paths):
       name = text[len(root):].lstrip("/")
-      h.update(f"{name}\0{path.stat().st_size}\n".encode())
+      h.update(f"{name}\0{_size(path)}\n".encode())
     for name, doc in self.extra:
       h.update(f"{name}\0{len(doc)}\n".encode())
     return h.hexdigest()
@@ -168,6 +168,12 @@ def _unique(files: list[pathlib.Path]) -> list[pathlib.Path]:
 
 def _is_corpus_file(path: pathlib.Path) -> bool:
   return path.is_file() and path.name.lower().endswith(DIRECTORY_SUFFIXES)
+
+
+def _size(path) -> int:
+  """A file's size in bytes (etils.epath's stat of a gs:// object has `length`)."""
+  stat = path.stat()
+  return stat.length if storage.is_remote(str(path)) else stat.st_size
 
 
 def _non_blank(doc: Document) -> bool:
