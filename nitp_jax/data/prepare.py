@@ -437,12 +437,14 @@ def main(argv: list[str]) -> None:
 
 
 def define_flags() -> None:
-  flags.DEFINE_string("input", "", "Files, directories or globs, comma-separated "
-                      "(.txt .md .jsonl .jsonl.gz .jsonl.zst .parquet); '' = default "
+  flags.DEFINE_string("input", "", "Files, directories or globs, local or gs://, "
+                      "comma-separated (.txt .md .jsonl .jsonl.gz .jsonl.zst .parquet; "
+                      "pre-tokenized: .array_record, Parquet integer lists); '' = default "
                       "corpus (Python stdlib sources + pydoc topics).")
   flags.DEFINE_string("output", None, "Output directory.", required=True)
   flags.DEFINE_integer("vocab_size", 8192, "Tokenizer size = model vocab.")
-  flags.DEFINE_string("tokenizer", "", "Existing SentencePiece .model.")
+  flags.DEFINE_string("tokenizer", "", "Existing SentencePiece .model or tokenizer.json "
+                      "(required for pre-tokenized inputs).")
   flags.DEFINE_string("text_field", "text", "jsonl field with the text.")
   flags.DEFINE_float("val_fraction", 0.02, "Held-out document fraction.")
   flags.DEFINE_integer("seed", 0, "Split and tokenizer-sample seed.")
