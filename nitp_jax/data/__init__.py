@@ -1,6 +1,7 @@
 """Data: corpus -> SentencePiece tokenizer -> ArrayRecord shards -> Grain.
 
   corpus.py     documents from files, directories, globs, or the default
+  token_files.py  pre-tokenized documents (ArrayRecord, Parquet id lists)
   tokenizer.py  lossless SentencePiece training and loading
   prepare.py    tokenize once into shards + manifest (`ensure_prepared`)
   pipeline.py   packed, sharded, checkpointable training batches

@@ -37,7 +37,7 @@ the same checkpoint as the model (file name per jax process):
       state=ocp.args.StandardRestore(abstract_state),
       data=grain.checkpoint.CheckpointRestore(iterator)))  # sets its state
 Restore into an iterator built with the same arguments (prepared_dir,
-seq_len, global_batch, seed, process count and index, worker_count).
+seq_len, global_batch, seed, process count and index, worker_count, weights).
 grain.checkpoint.CheckpointSave/Restore exist only when orbax-checkpoint is
 installed (pinned in requirements.txt).
 """

@@ -41,7 +41,8 @@ def is_token_file(path: str, text_field: str) -> bool:
     return False
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   try:
-    schema = pq.read_schema(path if isinstance(path, str) else path.open("rb"))
+    with (open(path, "rb") if isinstance(path, str) else path.open("rb")) as f:
+      schema = pq.read_schema(f)
   except Exception:  # pylint: disable=broad-except  # unreadable: the corpus reports it
     return False
   index = schema.get_field_index(text_field)
