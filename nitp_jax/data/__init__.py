@@ -1,6 +1,8 @@
 """Data: corpus -> SentencePiece tokenizer -> ArrayRecord shards -> Grain.
 
   corpus.py     documents from files, directories, globs, or the default
+  bad_records.py  malformed records: skipped, counted, refused above a limit
+  heldout.py    what is held out for validation (documents or their tails)
   tokenizer.py  lossless SentencePiece training and loading
   prepare.py    tokenize once into shards + manifest (`ensure_prepared`)
   pipeline.py   packed, sharded, checkpointable training batches
