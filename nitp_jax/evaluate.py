@@ -133,9 +133,9 @@ def evaluate_run(workdir: str, step: int | None = None, batches: int | None = No
                                             t.global_batch, n)
   if not eval_batches:
     data_dir = layout.data_dir(cfg, workdir)
-    raise DataError(f"{data_dir} has nothing to evaluate on ({prepare.report_lines(data_dir)[0]})"
-                    f": train a run whose data holds documents out, with "
-                    f"{flag('data.val_fraction')} > 0.")
+    raise DataError(f"{data_dir} has nothing to evaluate on, {prepare.report_lines(data_dir)[0]}"
+                    f". Train a run whose data holds documents out "
+                    f"({flag('data.val_fraction')} > 0).")
   steps = jitted.build(cfg, eval_mesh(cfg))
   params = jax.device_put(params, steps.state_shardings["params"])
   result = heldout(steps, params, eval_batches) | geometry(steps, params, eval_batches)

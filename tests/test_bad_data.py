@@ -150,14 +150,15 @@ def test_held_out_split_of_tiny_corpora(tmp_path):
   prepare.prepare(str(tmp_path / "one.txt"), out, 300, workers=1, val_fraction=0.0)
   assert pipeline.make_eval_batches(out, 32, 4, 2) == []
   assert prepare.report_lines(out) == [
-      "held out: nothing (--config.data.val_fraction=0); training runs without evaluation"]
+      "held out: nothing (--config.data.val_fraction=0), so there is no evaluation"]
 
 
-def test_a_one_document_corpus_trains_and_says_what_it_held_out(tmp_path, capsys):
+def test_a_one_document_corpus_trains_and_says_what_it_held_out(tmp_path, capsys, caplog):
   (tmp_path / "one.txt").write_text("\n".join(_words(80, i) for i in range(40)))
   cfg = train_config(str(tmp_path / "data"), steps=2, eval_every=2, checkpoint_every=2,
                      geometry_every=0, log_every=1)
   cfg.data.input, cfg.data.val_fraction, cfg.model.vocab_size = str(tmp_path / "one.txt"), 0.1, 300
+  cfg.train.eval_tasks = "next_line"  # as configs/tiny.py: one held-out tail is too few for it
   result = train.run(cfg, str(tmp_path / "w"))
   out = capsys.readouterr().out
   manifest = prepare.load_manifest(str(tmp_path / "data"))
@@ -168,3 +169,6 @@ def test_a_one_document_corpus_trains_and_says_what_it_held_out(tmp_path, capsys
           "1 document(s)), since the corpus has too few documents to hold out whole ones"
           ) in out
   assert result["step"] == 2 and result["eval"]["tokens"] > 0
+  assert "next_line/acc" not in result["eval"]
+  assert any(r.getMessage().startswith("eval task next_line left out: the held-out documents "
+                                       "are too few") for r in caplog.records)

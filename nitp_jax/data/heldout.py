@@ -61,11 +61,11 @@ def describe(manifest: dict[str, Any]) -> str:
                                   "val_fraction": None})
   fraction = held["val_fraction"]
   if held["mode"] == NONE:
-    return (f"held out: nothing ({flag('data.val_fraction')}=0); training runs without "
+    return (f"held out: nothing ({flag('data.val_fraction')}=0), so there is no "
             "evaluation")
   if not docs["validation"]:
     return (f"held out: nothing (the documents are too short to split for "
-            f"{flag('data.val_fraction')}={fraction:g}); training runs without evaluation")
+            f"{flag('data.val_fraction')}={fraction:g}), so there is no evaluation")
   if held["mode"] == TAILS:
     corpus_docs = docs["train"]
     return (f"held out: the last {100 * fraction:g}% of the tokens of each document "

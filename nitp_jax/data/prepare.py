@@ -14,7 +14,7 @@ Malformed records are skipped and counted (nitp_jax.data.bad_records): the
 count and the first locations are logged and kept in the manifest, and more
 than `max_bad_fraction` of all records is a DataError. What is held out is
 decided by nitp_jax.data.heldout (whole documents, or for a corpus with too
-few of them the tail of each) and logged.
+few of them the tail of each) and said by the command (and by train).
 
 Re-running with the same inputs is a no-op; different inputs on a complete
 directory are a DataError (use another directory or delete this one).
@@ -143,11 +143,6 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
       "seconds": round(time.time() - start, 3),
   }
   write_json(os.path.join(output_dir, MANIFEST), manifest)
-  held_line = heldout.describe(manifest)
-  if held.mode == heldout.DOCUMENTS and manifest["documents"]["validation"]:
-    logging.info("%s", held_line)
-  else:  # an unusual split: say it where it is seen
-    logging.warning("%s", held_line)
   return manifest
 
 
