@@ -44,6 +44,7 @@ from nitp_jax.data import pipeline
 from nitp_jax.data import prepare
 from nitp_jax.data import tokenizer as tok_lib
 from nitp_jax.errors import DataError
+from nitp_jax.flag_names import flag
 
 GEOMETRY_KEYS = ("erank_last", "cos_last", "erank_target", "cos_target")
 
@@ -130,6 +131,11 @@ def evaluate_run(workdir: str, step: int | None = None, batches: int | None = No
   t = cfg.train
   eval_batches = pipeline.make_eval_batches(layout.data_dir(cfg, workdir), t.seq_len,
                                             t.global_batch, n)
+  if not eval_batches:
+    data_dir = layout.data_dir(cfg, workdir)
+    raise DataError(f"{data_dir} has nothing to evaluate on, {prepare.report_lines(data_dir)[0]}"
+                    f". Train a run whose data holds documents out "
+                    f"({flag('data.val_fraction')} > 0).")
   steps = jitted.build(cfg, eval_mesh(cfg))
   params = jax.device_put(params, steps.state_shardings["params"])
   result = heldout(steps, params, eval_batches) | geometry(steps, params, eval_batches)

@@ -27,6 +27,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from absl import logging
 
 from nitp_jax.errors import DataError
 
@@ -153,11 +154,17 @@ def heldout_next_line(prepared_dir: str, tokenizer, seed: int = 0) -> list[Item]
 
 def load_tasks(spec: str, prepared_dir: str, tokenizer, seq_len: int, batch: int
                ) -> list["Task"]:
-  """The tasks of config.train.eval_tasks ("" = none), encoded for scoring."""
+  """The tasks of config.train.eval_tasks ("" = none), encoded for scoring.
+  A built-in task the held-out documents are too few for (a tiny corpus) is
+  left out with a warning, so that such a corpus still trains."""
   out = []
   for name in [n.strip() for n in spec.split(",") if n.strip()]:
     if name in BUILTIN:
-      items = heldout_next_line(prepared_dir, tokenizer)
+      try:
+        items = heldout_next_line(prepared_dir, tokenizer)
+      except DataError as e:
+        logging.warning("eval task %s left out: %s", name, e)
+        continue
     else:
       items, name = load_task(name), task_name(name)
     out.append(Task.build(name, items, tokenizer, seq_len, batch))

@@ -73,7 +73,9 @@ class Trainer:
     self.train_iter = self._train_iterator(config_lib.order_seed(cfg))
     self.eval_batches = pipeline.make_eval_batches(
         self.data_dir, t.seq_len, t.global_batch, t.eval_batches)
-    self.tasks = evaluate.run_tasks(cfg, self.data_dir)
+    for line in prepare.report_lines(self.data_dir):  # what is held out, what skipped
+      self.log.info(line)
+    self.tasks = evaluate.run_tasks(cfg, self.data_dir) if self.eval_batches else []
     self.checkpointer = ckpt_lib.Checkpointer(self.workdir, t.keep_checkpoints)
     self._params_finite = jax.jit(step_lib.all_finite)
 

@@ -70,8 +70,8 @@ def corpus_dir(tmp_path_factory, docs):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, corpus_dir):
   out = str(tmp_path_factory.mktemp("p") / "prepared")
-  manifest = prepare_lib.prepare(str(corpus_dir), out, VOCAB,
-                                 val_fraction=0.1, seed=0, workers=1)
+  manifest = prepare_lib.prepare(str(corpus_dir), out, VOCAB,  # 3 bad of 52
+                                 val_fraction=0.1, seed=0, workers=1, max_bad_fraction=0.1)
   return out, manifest
 
 
@@ -137,7 +137,7 @@ def test_tokenizer_too_large_for_model_is_an_error(prepared, corpus_dir,
   model = os.path.join(prepared[0], "tokenizer.model")
   with pytest.raises(DataError, match="--config.model.vocab_size=400"):
     prepare_lib.prepare(str(corpus_dir), str(tmp_path / "o"), 300,
-                        tokenizer_path=model, workers=1)
+                        tokenizer_path=model, workers=1, max_bad_fraction=0.1)
 
 
 def test_vocab_too_high_or_too_low_is_a_clear_error(tmp_path):
@@ -152,7 +152,7 @@ def test_vocab_too_high_or_too_low_is_a_clear_error(tmp_path):
 
 def test_corpus_reads_documents_and_counts_bad_files(corpus_dir, docs,
                                                      prepared):
-  c = corpus_lib.open_corpus(str(corpus_dir))
+  c = corpus_lib.open_corpus(str(corpus_dir), max_bad_fraction=0.1)
   assert sorted(c) == sorted(docs)
   reasons = {os.path.basename(p): r for p, r in c.skipped}
   assert set(reasons) == {"blob.txt", "latin1.txt", "more.jsonl:9"}
@@ -211,12 +211,13 @@ def test_prepare_is_a_noop_when_done_and_refuses_other_inputs(prepared,
   mtimes = {n: os.stat(os.path.join(out, n)).st_mtime_ns
             for n in os.listdir(out)}
   again = prepare_lib.prepare(str(corpus_dir), out, VOCAB, val_fraction=0.1,
-                              seed=0, workers=1)
+                              seed=0, workers=1, max_bad_fraction=0.2)  # not an input
   assert again == manifest
   assert mtimes == {n: os.stat(os.path.join(out, n)).st_mtime_ns
                     for n in os.listdir(out)}
   with pytest.raises(DataError, match=r"other inputs \(seed: 0 -> 1\)"):
-    prepare_lib.prepare(str(corpus_dir), out, VOCAB, val_fraction=0.1, seed=1)
+    prepare_lib.prepare(str(corpus_dir), out, VOCAB, val_fraction=0.1, seed=1,
+                        max_bad_fraction=0.1)
 
 
 def test_ensure_prepared_and_cli_with_given_tokenizer(prepared, corpus_dir,
@@ -225,17 +226,17 @@ def test_ensure_prepared_and_cli_with_given_tokenizer(prepared, corpus_dir,
   model = os.path.join(prepared[0], "tokenizer.model")
   cfg = ml_collections.ConfigDict(dict(
       input=str(corpus_dir / "*.txt"), tokenizer=model, text_field="text",
-      val_fraction=0.0, seed=0, prepare_workers=1))
+      val_fraction=0.0, seed=0, prepare_workers=1, max_bad_fraction=0.1))  # 2 bad of 34
   out = str(tmp_path / "o")
   m = prepare_lib.ensure_prepared(cfg, 512, out)
   assert m["documents"]["validation"] == 0 and not m["tokenizer"]["trained"]
   assert m["tokenizer"]["sha256"] == prepared[1]["tokenizer"]["sha256"]
   assert prepare_lib.ensure_prepared(cfg, 1024, out) == m  # still fits
-  with pytest.raises(DataError, match="has no validation documents"):
-    pipeline.make_eval_batches(out, SEQ, 4, 1)
+  assert pipeline.make_eval_batches(out, SEQ, 4, 1) == []  # nothing held out
   proc = subprocess.run(
       [sys.executable, "-m", "nitp_jax.data.prepare", f"--input={cfg.input}",
-       f"--output={out}", f"--tokenizer={model}", "--val_fraction=0"],
+       f"--output={out}", f"--tokenizer={model}", "--val_fraction=0",
+       "--max_bad_fraction=0.1"],
       cwd=ROOT, capture_output=True, text=True, check=True)
   assert json.loads(proc.stdout.strip().splitlines()[-1])["documents"] == \
       m["documents"]
@@ -246,7 +247,7 @@ def test_ensure_prepared_and_cli_with_given_tokenizer(prepared, corpus_dir,
 def test_one_epoch_yields_every_token_once(prepared, tokenizer):
   out, manifest = prepared
   expected = []
-  for doc in corpus_lib.open_corpus(manifest["inputs"]["input"]):
+  for doc in corpus_lib.open_corpus(manifest["inputs"]["input"], max_bad_fraction=0.1):
     expected += _pieces(tokenizer.encode(doc) + [tokenizer.eos_id])
   train = _batch_pieces(_epoch(out))
   val = _batch_pieces(pipeline.make_eval_batches(out, SEQ, 4, 10_000))

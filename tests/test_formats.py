@@ -63,11 +63,13 @@ def test_parquet_needs_the_text_column_and_skips_null_rows(tmp_path):
   with pytest.raises(DataError, match=r"has no column 'text' \(it has body\)") as e:
     list(corpus_lib.open_corpus(path))
   assert "\n" not in str(e.value)
-  with pytest.raises(DataError, match="row 2 has no text in column 'body'"):
+  with pytest.raises(DataError, match=r"1 of 3 records are malformed.*row 2 has no text in "
+                     "column 'body'"):
     list(corpus_lib.open_corpus(path, "body"))
+  assert list(corpus_lib.open_corpus(path, "body", max_bad_fraction=0.5)) == ["a", "c"]
   os.makedirs(tmp_path / "d")
   os.replace(path, tmp_path / "d" / "t.parquet")
-  c = corpus_lib.open_corpus(str(tmp_path / "d"), "body")
+  c = corpus_lib.open_corpus(str(tmp_path / "d"), "body", max_bad_fraction=0.5)
   assert list(c) == ["a", "c"] and [r for _, r in c.skipped] == [
       "row 2 has no text in column 'body' (NoneType)"]
 
@@ -81,7 +83,7 @@ def test_damaged_files_are_named_or_skipped(tmp_path):
     with pytest.raises(DataError, match=f"{name}: is not a") as e:
       list(corpus_lib.open_corpus(str(tmp_path / "c" / name)))
     assert "\n" not in str(e.value)
-  c = corpus_lib.open_corpus(str(tmp_path / "c"))
+  c = corpus_lib.open_corpus(str(tmp_path / "c"), max_bad_fraction=0.05)  # 3 of 123
   assert sorted(list(c)) == sorted(DOCS * 4)
   assert sorted(os.path.basename(p) for p, _ in c.skipped) == [
       "bad.jsonl.gz", "bad.jsonl.zst", "bad.parquet"]

@@ -13,7 +13,7 @@ import pytest
 from array_record.python import array_record_module
 
 from nitp_jax import storage
-from nitp_jax.data import pipeline
+from nitp_jax.data import heldout, pipeline
 from nitp_jax.data import prepare as prepare_lib
 from nitp_jax.errors import DataError
 from tests.test_object_storage import BUCKET, emulator  # noqa: F401  # pylint: disable=unused-import
@@ -119,7 +119,7 @@ def test_prepare_keeps_each_documents_source_and_the_unweighted_order(sources, m
   # The concatenated shards hold the documents in corpus order, as the single
   # shard sequence did before per-source shards, so the unweighted order is
   # unchanged: EOS appended once (not to records that end with it already).
-  val = prepare_lib._validation_ids(160, 0.05, 0)  # pylint: disable=protected-access
+  val = heldout.plan(160, 0.05, 0).ids
   expected = [d if d[-1] == EOS else np.append(d, EOS)
               for i, d in enumerate(sources["a"] + sources["b"]) if i not in val]
   got = list(pipeline._documents(mixed_dir, "train"))  # pylint: disable=protected-access

@@ -3,9 +3,16 @@
 A corpus yields documents (str). `.txt`/`.md` files (and any other file named
 directly or matched by a glob) are one document each; `.jsonl`, `.jsonl.gz`
 and `.jsonl.zst` files hold one document per line in a configurable field,
-`.parquet` files one per row of that column (read with pyarrow). A file named
-directly must be good (else DataError); inside a directory or glob a bad file
-is skipped and counted in `Corpus.skipped`.
+`.parquet` files one per row of that column (read with pyarrow).
+
+Bad data follows one policy (nitp_jax.data.bad_records) however a file was
+named: a malformed record (a line that is not JSON, a line or row without a
+string text field, a line with undecodable bytes, a file that cannot be read
+at all) is skipped and counted in `Corpus.bad`, and a pass over the corpus
+ends with a DataError when bad records exceed `max_bad_fraction` of all
+records. One exception: a single file named directly that cannot be read at
+all (binary, not UTF-8, not a valid gzip/zstd/Parquet file, no text column)
+is an immediate DataError naming it, since it is the whole corpus.
 
 Already tokenized documents come as int64 id arrays instead of str: each
 record of an `.array_record` file (int32 ids, the format of our own shards),
@@ -35,6 +42,7 @@ import numpy as np
 
 from nitp_jax import storage
 from nitp_jax.data import token_files
+from nitp_jax.data.bad_records import BadRecords
 from nitp_jax.errors import DataError
 from nitp_jax.flag_names import flag
 
@@ -60,10 +68,13 @@ class Corpus:
   Attributes:
     name: what the corpus is (the input spec, or "default").
     files: files to read, sorted.
-    direct: True when a single file was named directly (errors are fatal).
+    direct: True when a single file was named directly (a file that cannot
+      be read at all is an immediate error).
     text_field: the jsonl field holding the document text.
     extra: in-memory (name, text) documents read after the files.
-    skipped: (path, reason) of bad files or lines, filled while iterating.
+    max_bad_fraction: malformed records above this fraction of all records
+      end a pass with a DataError.
+    bad: the malformed records of the last pass (skipped, counted, located).
     empty_documents: documents skipped because they are blank.
     source_of: str(file) -> index of the comma-separated source that named
       it first (absent = 0).
@@ -74,19 +85,27 @@ class Corpus:
   direct: bool = False
   text_field: str = "text"
   extra: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-  skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  max_bad_fraction: float = 0.01
+  bad: BadRecords = dataclasses.field(default_factory=BadRecords)
   empty_documents: int = 0
   source_of: dict[str, int] = dataclasses.field(default_factory=dict)
   reading: pathlib.Path | None = None
 
+  @property
+  def skipped(self) -> list[tuple[str, str]]:
+    """(location, reason) of the first skipped records of the last pass."""
+    return self.bad.locations
+
   def __iter__(self) -> Iterator[Document]:
-    """Yield non-blank documents; DataError if there are none."""
-    self.skipped, self.empty_documents = [], 0
+    """Yield non-blank documents; DataError if there are none or if bad
+    records exceed `max_bad_fraction` (checked at the end of the pass)."""
+    self.bad, self.empty_documents = BadRecords(self.max_bad_fraction), 0
     count = 0
     for path in self.files:
       self.reading = path
       try:
-        for doc in _read_file(path, self.text_field, self.direct, self.skipped):
+        for doc in _read_file(path, self.text_field, self.bad):
+          self.bad.record_ok()
           if _non_blank(doc):
             count += 1
             yield doc
@@ -95,9 +114,10 @@ class Corpus:
       except _BadFile as e:
         if self.direct:
           raise DataError(f"{path}: {e.args[0]}") from None
-        self.skipped.append((str(path), e.args[0]))
+        self.bad.skip(str(path), e.args[0])
     self.reading = None
     for _, doc in self.extra:
+      self.bad.record_ok()
       if doc.strip():
         count += 1
         yield doc
@@ -105,6 +125,7 @@ class Corpus:
         self.empty_documents += 1
     if not count:
       raise DataError(self._empty_message())
+    self.bad.check()
 
   def fingerprint(self) -> str:
     """sha256 over relative file names and sizes (cheap: no contents read)."""
@@ -126,32 +147,37 @@ class Corpus:
            f"{len(self.files)} file(s)")
     if self.empty_documents:
       msg += f", {self.empty_documents} blank document(s)"
-    if self.skipped:
+    if self.bad.count:
       shown = "; ".join(f"{p}: {r}" for p, r in self.skipped[:3])
-      msg += f", {len(self.skipped)} skipped ({shown})"
+      msg += f", {self.bad.count} skipped ({shown})"
     return msg + (f". Point {flag('data.input')} at text (.txt/.md), .jsonl(.gz/.zst) or "
                   ".parquet files.")
 
 
-def open_corpus(spec: str, text_field: str = "text") -> Corpus:
+def open_corpus(spec: str, text_field: str = "text",
+                max_bad_fraction: float = 0.01) -> Corpus:
   """Corpus for comma-separated files, directories or globs; "" =
-  `default_corpus()`.
+  `default_corpus()`. A pass over it refuses more than `max_bad_fraction`
+  malformed records.
 
   Raises DataError when a path does not exist, a glob matches no file, or a
   directory has no file of a known format.
   """
   if not spec:
-    return default_corpus()
-  sources = [s.strip() for s in spec.split(",") if s.strip()]
-  if len(sources) > 1:
-    named = [(i, f) for i, s in enumerate(sources) for f in open_corpus(s, text_field).files]
-    files = _unique([f for _, f in named])
-    source_of = {}
-    for i, f in named:
-      source_of.setdefault(str(f), i)
-    return Corpus(spec, files, direct=False, text_field=text_field, source_of=source_of)
-  corpus = _open_source(sources[0] if sources else spec, text_field)
-  corpus.files = _unique(corpus.files)
+    corpus = default_corpus()
+  else:
+    sources = [s.strip() for s in spec.split(",") if s.strip()]
+    if len(sources) > 1:
+      named = [(i, f) for i, s in enumerate(sources) for f in open_corpus(s, text_field).files]
+      source_of = {}
+      for i, f in named:
+        source_of.setdefault(str(f), i)
+      corpus = Corpus(spec, _unique([f for _, f in named]), direct=False,
+                      text_field=text_field, source_of=source_of)
+    else:
+      corpus = _open_source(sources[0] if sources else spec, text_field)
+      corpus.files = _unique(corpus.files)
+  corpus.max_bad_fraction = max_bad_fraction
   return corpus
 
 
@@ -269,9 +295,10 @@ def _read_bytes(path: pathlib.Path) -> bytes:
   return out
 
 
-def _read_parquet(path: pathlib.Path, text_field: str, direct: bool,
-                  skipped: list[tuple[str, str]]) -> Iterator[str]:
-  """One document per row of the `text_field` column."""
+def _read_parquet(path: pathlib.Path, text_field: str, bad: BadRecords
+                  ) -> Iterator[Document]:
+  """One document per row of the `text_field` column; a row without a string
+  is skipped into `bad`."""
   import pyarrow  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   try:
@@ -283,21 +310,21 @@ def _read_parquet(path: pathlib.Path, text_field: str, direct: bool,
     raise _BadFile(f"has no column {text_field!r} (it has {', '.join(columns)}); set "
                    f"{flag('data.text_field')} to the column holding the text")
   tokens = token_files.is_token_column(table.schema_arrow.field(text_field).type)
+  what = "token ids" if tokens else "text"
   row = 0
-  for batch in table.iter_batches(columns=[text_field], batch_size=1024):
-    for value in batch.column(0).to_pylist():
-      row += 1
-      if isinstance(value, str) and not tokens:
-        yield value
-        continue
-      if tokens and value is not None:
-        yield np.asarray(value, dtype=np.int64)  # ids checked against the tokenizer later
-        continue
-      what = "token ids" if tokens else "text"
-      reason = f"row {row} has no {what} in column {text_field!r} ({type(value).__name__})"
-      if direct:
-        raise _BadFile(reason)
-      skipped.append((f"{path}:row {row}", reason))
+  try:
+    for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+      for value in batch.column(0).to_pylist():
+        row += 1
+        if isinstance(value, str) and not tokens:
+          yield value
+        elif tokens and value is not None:
+          yield np.asarray(value, dtype=np.int64)  # ids checked against the tokenizer later
+        else:
+          bad.skip(f"{path}:row {row}",
+                   f"row {row} has no {what} in column {text_field!r} ({type(value).__name__})")
+  except (pyarrow.ArrowException, OSError) as e:  # a damaged row group
+    bad.skip(f"{path}:row {row + 1}", f"rows from {row + 1} on cannot be read ({e})")
 
 
 def _local(path) -> str:
@@ -310,11 +337,12 @@ def _local_or_bytes(path):
   return io.BytesIO(path.read_bytes()) if storage.is_remote(str(path)) else path
 
 
-def _read_file(path: pathlib.Path, text_field: str, direct: bool,
-               skipped: list[tuple[str, str]]) -> Iterator[str]:
-  """Documents of one file; _BadFile for an unreadable file."""
+def _read_file(path: pathlib.Path, text_field: str, bad: BadRecords) -> Iterator[Document]:
+  """Documents of one file. Malformed records (jsonl lines, Parquet rows) are
+  skipped into `bad` (`bad.skip`); the caller counts the good ones
+  (`bad.record_ok`). _BadFile for a file that cannot be read at all."""
   if path.name.lower().endswith(PARQUET_SUFFIXES):
-    yield from _read_parquet(path, text_field, direct, skipped)
+    yield from _read_parquet(path, text_field, bad)
     return
   if path.name.lower().endswith(token_files.ARRAY_RECORD_SUFFIXES):
     try:
@@ -323,20 +351,36 @@ def _read_file(path: pathlib.Path, text_field: str, direct: bool,
       raise _BadFile(e.args[0]) from None
     return
   data = _read_bytes(path)
+  if path.name.lower().endswith(JSONL_SUFFIXES):
+    yield from _read_jsonl(path, data, text_field, bad)
+    return
   nul = data.find(b"\0")
   if nul >= 0:
     raise _BadFile(f"is binary (NUL byte at offset {nul}); only UTF-8 text "
                    "is supported")
   try:
-    text = data.decode("utf-8")
+    yield data.decode("utf-8")
   except UnicodeDecodeError as e:
     raise _BadFile(f"is not valid UTF-8 (byte offset {e.start}); convert it "
                    "with e.g. `iconv -t utf-8`") from None
-  if not path.name.lower().endswith(JSONL_SUFFIXES):
-    yield text
-    return
-  for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines():
-    # JSON strings may hold raw U+2028 etc., which splitlines() breaks on.
+
+
+def _read_jsonl(path: pathlib.Path, data: bytes, text_field: str, bad: BadRecords
+                ) -> Iterator[str]:
+  """One document per line's `text_field`; bad lines are skipped into `bad`."""
+  try:
+    lines = data.decode("utf-8").split("\n")  # not splitlines(): JSON strings
+    # may hold raw U+2028 etc., which splitlines() breaks on.
+  except UnicodeDecodeError:  # decode line by line, so one bad byte costs one line
+    lines = data.split(b"\n")
+  for lineno, line in enumerate(lines, 1):
+    if isinstance(line, bytes):
+      try:
+        line = line.decode("utf-8")
+      except UnicodeDecodeError as e:
+        bad.skip(f"{path}:{lineno}", f"line {lineno} is not valid UTF-8 (byte {e.start} "
+                 "of the line)")
+        continue
     if not line.strip():
       continue
     try:
@@ -351,6 +395,4 @@ def _read_file(path: pathlib.Path, text_field: str, direct: bool,
     else:
       yield doc
       continue
-    if direct:
-      raise _BadFile(reason)
-    skipped.append((f"{path}:{lineno}", reason))
+    bad.skip(f"{path}:{lineno}", reason)

@@ -117,8 +117,16 @@ def _documents(prepared_dir: str, split: str) -> grain.MapDataset:
   return grain.MapDataset.source(source).map(_decode)
 
 
+def _has_validation(prepared_dir: str) -> bool:
+  """Whether the directory holds out anything (nitp_jax.data.heldout)."""
+  return bool(load_manifest(prepared_dir)["documents"]["validation"])
+
+
 def heldout_documents(prepared_dir: str) -> list[np.ndarray]:
-  """The validation split's documents (int32 token ids, EOS last), in order."""
+  """The validation split's documents (int32 token ids, EOS last), in order;
+  none when nothing is held out."""
+  if not _has_validation(prepared_dir):
+    return []
   return list(_documents(prepared_dir, "validation"))
 
 
@@ -317,11 +325,15 @@ def make_eval_batches(prepared_dir: str, seq_len: int, batch: int,
   """The first `num_batches` batches of the validation split, in stored order.
 
   Identical on every call. Fewer batches come back when the split is smaller;
-  the last one is padded with rows of 0. These are global batches: with
-  several processes, each takes its block of rows.
+  the last one is padded with rows of 0; none when nothing is held out
+  (nitp_jax.data.heldout). These are global batches: with several processes,
+  each takes its block of rows.
   """
   _check_positive(seq_len=seq_len, batch=batch, num_batches=num_batches)
-  docs = _documents(readable_dir(prepared_dir), "validation")
+  local = readable_dir(prepared_dir)
+  if not _has_validation(local):
+    return []
+  docs = _documents(local, "validation")
   batched = _pack_and_batch(
       docs.to_iter_dataset(grain.ReadOptions(num_threads=0)), seq_len, batch)
   out = []

@@ -1,7 +1,8 @@
 """Tokenize a corpus once into ArrayRecord shards plus a manifest.
 
   python -m nitp_jax.data.prepare --input=PATH_OR_GLOB --output=DIR \\
-      [--vocab_size=8192] [--tokenizer=FILE.model] [--text_field=text]
+      [--vocab_size=8192] [--tokenizer=FILE.model] [--text_field=text] \\
+      [--max_bad_fraction=0.01]
 
 Output directory:
   tokenizer.model                 the SentencePiece model (trained or copied)
@@ -20,6 +21,12 @@ Pre-tokenized files (.array_record, Parquet columns of integer lists: see
 token_files) need the tokenizer their ids came from (`--tokenizer`); their
 documents get EOS appended unless they already end with it.
 
+Malformed records are skipped and counted (nitp_jax.data.bad_records): the
+count and the first locations are logged and kept in the manifest, and more
+than `max_bad_fraction` of all records is a DataError. What is held out is
+decided by nitp_jax.data.heldout (whole documents, or for a corpus with too
+few of them the tail of each) and said by the command (and by train).
+
 Re-running with the same inputs is a no-op; different inputs on a complete
 directory are a DataError (use another directory or delete this one).
 
@@ -37,12 +44,15 @@ from typing import Any, Iterator
 
 import numpy as np
 from absl import flags
+from absl import logging
 from array_record.python import array_record_module
 
 from nitp_jax import cli
 from nitp_jax import storage
 
 from nitp_jax.data import token_files
+from nitp_jax.data import heldout
+from nitp_jax.data.bad_records import BadRecords
 from nitp_jax.data import tokenizer as tok_lib
 from nitp_jax.data.corpus import Corpus, open_corpus
 from nitp_jax.errors import DataError
@@ -53,19 +63,20 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
 SHARD_TOKENS = 1 << 26          # 256 MB of int32 per shard
 CHUNK_CHARS = 4_000_000         # characters tokenized per batch call
-MAX_SKIPPED_LISTED = 100
 WRITER_OPTIONS = "group_size:1"  # fast random access for grain
 # How this command's flags spell the settings that messages name (flag_names).
 FLAG_NAMES = {"data.input": "--input", "data.prepared_dir": "--output",
               "model.vocab_size": "--vocab_size", "data.tokenizer": "--tokenizer",
               "data.text_field": "--text_field", "data.val_fraction": "--val_fraction",
-              "data.seed": "--seed", "data.prepare_workers": "--workers"}
+              "data.seed": "--seed", "data.prepare_workers": "--workers",
+              "data.max_bad_fraction": "--max_bad_fraction"}
 
 
 def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=redefined-builtin  # noqa: E501
             tokenizer_path: str = "", text_field: str = "text",
             val_fraction: float = 0.02, seed: int = 0, workers: int = 2,
-            max_tokenizer_chars: int = 20_000_000) -> dict[str, Any]:
+            max_tokenizer_chars: int = 20_000_000,
+            max_bad_fraction: float = 0.01) -> dict[str, Any]:
   """Prepare `output_dir` from the corpus `input`; return the manifest.
 
   Args:
@@ -75,17 +86,21 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
       many pieces, a given one must have at most this many.
     tokenizer_path: an existing SentencePiece model ("" = train one).
     text_field: the jsonl field holding document text.
-    val_fraction: fraction of documents held out (at least one if > 0).
+    val_fraction: fraction of documents held out (at least one if > 0; with
+      too few documents, that fraction of each document's last tokens).
     seed: selects the held-out documents and the tokenizer's training sample.
     workers: threads that tokenize in parallel.
     max_tokenizer_chars: size of the tokenizer's training sample.
+    max_bad_fraction: malformed records (skipped and counted) above this
+      fraction of all records are a DataError. It only accepts or refuses, so
+      it is not one of the inputs that identify the output.
   """
-  _check_arguments(vocab_size, val_fraction, seed, workers)
+  _check_arguments(vocab_size, val_fraction, seed, workers, max_bad_fraction)
   if storage.is_remote(output_dir):
     return _prepare_remote(output_dir, lambda local: prepare(
         input, local, vocab_size, tokenizer_path, text_field, val_fraction, seed, workers,
-        max_tokenizer_chars))
-  corpus = open_corpus(input, text_field)
+        max_tokenizer_chars, max_bad_fraction))
+  corpus = open_corpus(input, text_field, max_bad_fraction)
   if not tokenizer_path:
     _check_no_token_files(corpus, text_field)
   inputs = _inputs(corpus, input, text_field, val_fraction, seed, vocab_size,
@@ -93,10 +108,13 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
   existing = _check_existing(output_dir, inputs)
   if existing is not None:
     tok_lib.check_fits(existing["tokenizer"]["vocab_size"], vocab_size)
+    _recorded_bad(existing, max_bad_fraction).check()  # a stricter limit refuses it
     return existing
   start = time.time()
   _clean(output_dir)
-  lengths = [len(doc) for doc in corpus]
+  lengths = [len(doc) for doc in corpus]  # refuses too many malformed records
+  if corpus.bad.count:
+    logging.warning("%s: %s", corpus.name, corpus.bad.summary())
   model_path = os.path.join(output_dir, TOKENIZER)
   if tokenizer_path:
     tokenizer = tok_lib.load_tokenizer(tokenizer_path)
@@ -116,17 +134,16 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
       raise DataError(_default_corpus_too_small(e)) from None
   tokenizer = tok_lib.load_tokenizer(model_path)
   tok_lib.check_fits(tokenizer.vocab_size, vocab_size)
-  val = _validation_ids(len(lengths), val_fraction, seed)
-  counts = _write_shards(corpus, tokenizer, val, output_dir, max(1, workers),
+  held = heldout.plan(len(lengths), val_fraction, seed)
+  counts = _write_shards(corpus, tokenizer, held, output_dir, max(1, workers),
                          len(_sources(input)))
   manifest = {
       "format_version": FORMAT_VERSION,
       "inputs": inputs,
       "source": corpus.name,
       **counts,
-      "skipped_count": len(corpus.skipped),
-      "skipped": [{"path": p, "reason": r}
-                  for p, r in corpus.skipped[:MAX_SKIPPED_LISTED]],
+      "heldout": held.to_json(),
+      **corpus.bad.to_json(),
       "empty_documents": corpus.empty_documents,
       "tokenizer": {
           "file": os.path.basename(model_path),
@@ -144,12 +161,37 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
   return manifest
 
 
-def _check_arguments(vocab_size: int, val_fraction: float, seed: int, workers: int) -> None:
+def report_lines(prepared_dir: str) -> list[str]:
+  """What a run should say about its prepared data: what is held out and,
+  if any, the malformed records skipped."""
+  manifest = load_manifest(readable_dir(prepared_dir))
+  lines = [heldout.describe(manifest)]
+  if manifest.get("skipped_count"):
+    shown = " | ".join(f"{s['path']}: {s['reason']}" for s in manifest["skipped"][:3])
+    lines.append(f"{manifest['skipped_count']} malformed record(s) skipped while preparing "
+                 f"{prepared_dir} (listed in its {MANIFEST}); first: {shown}")
+  return lines
+
+
+def _recorded_bad(manifest: dict[str, Any], max_fraction: float) -> BadRecords:
+  """The malformed records a manifest recorded, under the limit `max_fraction`."""
+  if "records" not in manifest:  # prepared before records were counted
+    return BadRecords(max_fraction)
+  count = manifest["skipped_count"]
+  good = manifest["records"] - count
+  return BadRecords(max_fraction, good, count,
+                    [(s["path"], s["reason"]) for s in manifest.get("skipped", [])])
+
+
+def _check_arguments(vocab_size: int, val_fraction: float, seed: int, workers: int,
+                     max_bad_fraction: float) -> None:
   """DataError naming the first argument out of range."""
   checks = (("model.vocab_size", vocab_size, vocab_size > 0, "must be a positive integer"),
             ("data.val_fraction", val_fraction, 0 <= val_fraction < 1, "must be in [0, 1)"),
             ("data.seed", seed, 0 <= seed < 2**31, "must be an integer in [0, 2**31)"),
-            ("data.prepare_workers", workers, workers > 0, "must be a positive integer"))
+            ("data.prepare_workers", workers, workers > 0, "must be a positive integer"),
+            ("data.max_bad_fraction", max_bad_fraction, 0 <= max_bad_fraction <= 1,
+             "must be in [0, 1]"))
   for field, value, ok, allowed in checks:
     if not ok:
       raise DataError(f"{flag(field)}={value} is invalid: {allowed}")
@@ -190,7 +232,8 @@ def ensure_prepared(data_cfg, vocab_size: int, out_dir: str) -> dict[str, Any]:
                  tokenizer_path=data_cfg.tokenizer,
                  text_field=data_cfg.text_field,
                  val_fraction=data_cfg.val_fraction, seed=data_cfg.seed,
-                 workers=data_cfg.prepare_workers)
+                 workers=data_cfg.prepare_workers,
+                 max_bad_fraction=data_cfg.max_bad_fraction)
 
 
 def _prepare_remote(remote_dir: str, prepare_local) -> dict[str, Any]:
@@ -322,19 +365,6 @@ def _tokenizer_sample(lengths: list[int], max_chars: int, seed: int
   return set(order[:take].tolist())
 
 
-def _validation_ids(num_docs: int, val_fraction: float, seed: int) -> set[int]:
-  """Held-out document indices: at least one when val_fraction > 0."""
-  if val_fraction == 0:
-    return set()
-  num_val = max(1, round(num_docs * val_fraction))
-  if num_val >= num_docs:
-    raise DataError(f"the corpus has {num_docs} document(s): too few to hold "
-                    f"out val_fraction={val_fraction} and still train. Add "
-                    f"documents or set {flag('data.val_fraction')}=0.")
-  order = np.random.default_rng(seed + 1).permutation(num_docs)
-  return set(order[:num_val].tolist())
-
-
 def _chunks(corpus: Corpus) -> Iterator[list[tuple[int, Any, Any]]]:
   """(source index, file, document) in corpus order, CHUNK_CHARS at a time."""
   chunk, size = [], 0
@@ -392,7 +422,7 @@ class _ShardWriter:
       self._writer = None
 
 
-def _write_shards(corpus: Corpus, tokenizer: tok_lib.Tokenizer, val: set[int],
+def _write_shards(corpus: Corpus, tokenizer: tok_lib.Tokenizer, held: heldout.HeldOut,
                   output_dir: str, threads: int, num_sources: int = 1) -> dict[str, Any]:
   """Tokenize every document into its split's (and, with several sources,
   its source's) shards; counts per split, and per source when several."""
@@ -402,7 +432,8 @@ def _write_shards(corpus: Corpus, tokenizer: tok_lib.Tokenizer, val: set[int],
   index = 0
   for chunk in _chunks(corpus):
     for (source, _, _), ids in zip(chunk, _encode(tokenizer, chunk, threads)):
-      writers[source]["validation" if index in val else "train"].write(ids)
+      for split, part in held.split(index, ids):
+        writers[source][split].write(part)
       index += 1
   for w in (w for ws in writers for w in ws.values()):
     w.close()
@@ -428,9 +459,12 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   start = time.time()
   manifest = prepare(f.input, f.output, f.vocab_size, f.tokenizer,
-                     f.text_field, f.val_fraction, f.seed, f.workers)
-  summary = {k: manifest[k] for k in ("source", "documents", "tokens",
-                                       "skipped_count", "empty_documents")}
+                     f.text_field, f.val_fraction, f.seed, f.workers,
+                     max_bad_fraction=f.max_bad_fraction)
+  summary = {k: manifest.get(k) for k in ("source", "documents", "tokens",
+                                           "skipped_count", "empty_documents")}
+  summary["skipped_first"] = [f"{s['path']}: {s['reason']}" for s in manifest["skipped"][:3]]
+  summary["heldout"] = heldout.describe(manifest)
   summary["tokenizer_vocab_size"] = manifest["tokenizer"]["vocab_size"]
   summary["seconds"] = round(time.time() - start, 3)
   print(json.dumps(summary))
@@ -449,8 +483,11 @@ def define_flags() -> None:
   flags.DEFINE_float("val_fraction", 0.02, "Held-out document fraction.")
   flags.DEFINE_integer("seed", 0, "Split and tokenizer-sample seed.")
   flags.DEFINE_integer("workers", 2, "Tokenizer threads.")
+  flags.DEFINE_float("max_bad_fraction", 0.01, "Malformed records (skipped and counted) "
+                     "above this fraction of all records stop preparation.")
 
 
 if __name__ == "__main__":
   cli.run_main(main, define_flags, usage="--input=PATH_OR_GLOB --output=DIR "
-               "[--vocab_size=N] [--tokenizer=FILE.model]", flag_names=FLAG_NAMES)
+               "[--vocab_size=N] [--tokenizer=FILE.model] [--max_bad_fraction=F]",
+               flag_names=FLAG_NAMES)

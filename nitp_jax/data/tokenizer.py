@@ -25,7 +25,8 @@ from nitp_jax.flag_names import flag
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")
-MAX_LINE_BYTES = 16384          # longer training lines are ignored by SP
+MAX_LINE_BYTES = 16384          # SP's max_sentence_length: it drops longer
+                                # lines, so _sample_lines splits them first
 
 
 class SentencePieceTokenizer:
@@ -165,17 +166,38 @@ def train_tokenizer(text_iter_or_files: Iterable[str | os.PathLike],
 
 def _sample_lines(items: Iterable[str | os.PathLike], max_chars: int
                   ) -> Iterator[str]:
-  """Non-empty lines of the documents, in order, up to `max_chars` chars."""
+  """Non-empty lines of the documents, in order, up to `max_chars` chars;
+  lines longer than SentencePiece accepts come in pieces (`_pieces`)."""
   total = 0
   for item in items:
     text = (open(item, encoding="utf-8").read()
             if isinstance(item, os.PathLike) else item)
     for line in text.split("\n"):
-      if line:
-        yield line
-        total += len(line)
+      for piece in _pieces(line):
+        yield piece
+        total += len(piece)
         if total >= max_chars:
           return
+
+
+def _pieces(line: str, max_bytes: int = MAX_LINE_BYTES) -> Iterator[str]:
+  """`line` cut into pieces of at most `max_bytes` UTF-8 bytes, at the last
+  space of each piece where there is one in its second half (a line over
+  SentencePiece's max_sentence_length would be dropped from its training,
+  and a corpus of such lines fails it)."""
+  if len(line) * 4 <= max_bytes or len(line.encode("utf-8")) <= max_bytes:
+    if line:
+      yield line
+    return
+  chars = max_bytes // 4  # a UTF-8 character has at most 4 bytes
+  start = 0
+  while start < len(line):
+    end = min(start + chars, len(line))
+    if end < len(line):
+      space = line.rfind(" ", start + chars // 2, end)
+      end = space if space > start else end
+    yield line[start:end]
+    start = end
 
 
 class CorpusTooSmallError(DataError):
