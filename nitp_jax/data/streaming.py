@@ -1,0 +1,318 @@
+"""Streaming input: documents read and tokenized on the fly, per process.
+
+With `data.streaming=true` no process prepares the corpus. Every process
+lists the files of each `data.input` source, keeps its own share of them and
+runs this Grain pipeline, yielding the same batches as the prepared path
+(`pipeline`: tokens, segment_ids, positions, int32 [B_local, T]):
+
+  units of a source (its files; each file cut into `parts` when the source has
+  fewer files than processes) -> this process's units, shuffled per epoch and
+  repeated forever -> InterleaveIterDataset over per-unit document readers
+  (`corpus`'s format readers) -> map(tokenize + EOS)
+  -> IterDataset.mix(data.weights) across sources (one stream without weights)
+  -> pieces of seq_len -> WindowShuffleIterDataset -> FirstFitPackIterDataset
+  -> batch -> mp_prefetch(data.worker_count).
+
+Part j of a file split into k parts holds its documents j, j+k, j+2k, ...
+(every process still reads the whole file, keeps its part). The iterator
+state is a JSON-able dict (each reader's state is the number of documents of
+its unit consumed) and `set_state` resumes to identical batches for the same
+arguments (process count and index, worker count).
+
+Held-out set (documents, not batches): the first documents of the first file
+of the first source, up to `train.eval_batches` full batches of tokens (never
+that file's last document), when `data.val_fraction` > 0. Training skips
+them. `ensure_heldout_dir` writes them as a small prepared-format directory
+(manifest, tokenizer copy, validation shard) so `evaluate`, `export.hf` and
+the eval tasks read a streaming run like a prepared one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import grain
+import ml_collections
+import numpy as np
+from absl import logging
+from grain import experimental as grain_exp
+
+from nitp_jax import config as config_lib
+from nitp_jax import storage
+from nitp_jax.data import corpus as corpus_lib
+from nitp_jax.data import pipeline
+from nitp_jax.data import prepare
+from nitp_jax.data import tokenizer as tok_lib
+from nitp_jax.errors import ConfigError, DataError
+from nitp_jax.flag_names import flag
+from nitp_jax.layout import MANIFEST, write_json
+
+CYCLE_LENGTH = 4                 # files read at once per source and worker
+FORMAT = "streaming-heldout-1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """Part `part` of `parts` of one file's documents, skipping the first `skip`
+  (the held-out documents)."""
+  path: str
+  part: int = 0
+  parts: int = 1
+  skip: int = 0
+
+
+def require_tokenizer(data_cfg: ml_collections.ConfigDict) -> str:
+  """The tokenizer of a streaming run; ConfigError when none is given."""
+  if not data_cfg.tokenizer:
+    raise ConfigError(f"{flag('data.streaming')}=true needs {flag('data.tokenizer')}="
+                      "FILE (a SentencePiece .model or tokenizer.json): training one needs a "
+                      "pass over the corpus, so run `python -m nitp_jax.data.prepare` once or "
+                      "give a tokenizer.")
+  return data_cfg.tokenizer
+
+
+def source_files(spec: str, text_field: str) -> list[str]:
+  """The files of one source, sorted, each once (corpus.open_corpus)."""
+  if not spec:
+    raise ConfigError(f"{flag('data.streaming')}=true needs {flag('data.input')}: the "
+                      "embedded corpus is prepared, not streamed.")
+  return [str(p) for p in corpus_lib.open_corpus(spec, text_field).files]
+
+
+def local_units(files: list[str], process_index: int, process_count: int,
+                heldout: int = 0) -> list[Unit]:
+  """This process's units of one source's files: files process_index,
+  process_index + P, ... or, with fewer files than processes, parts of every
+  file. The first file skips its `heldout` leading documents."""
+  parts = math.ceil(process_count / len(files))
+  units = [Unit(f, j, parts, heldout if i == 0 else 0)
+           for i, f in enumerate(files) for j in range(parts)]
+  return units[process_index::process_count]
+
+
+def read_documents(unit: Unit, text_field: str, start: int = 0
+                   ) -> Iterator[tuple[int, str]]:
+  """(index in the file, text) of the unit's non-blank documents with index >=
+  `start`; an unreadable file is skipped with a warning."""
+  skipped: list[tuple[str, str]] = []
+  try:
+    for i, doc in enumerate(corpus_lib._read_file(  # pylint: disable=protected-access
+        pathlib.Path(unit.path), text_field, False, skipped)):
+      if i >= max(start, unit.skip) and i % unit.parts == unit.part and doc.strip():
+        yield i, doc
+  except corpus_lib._BadFile as e:  # pylint: disable=protected-access
+    logging.warning("streaming: skipping %s: %s", unit.path, e.args[0])
+  if skipped:
+    logging.warning("streaming: %s: %d bad record(s) skipped, first: %s", unit.path,
+                    len(skipped), skipped[0])
+
+
+class _UnitIterator(grain.DatasetIterator):
+  """Documents of one unit; state = the file index of the next document."""
+
+  def __init__(self, unit: Unit, text_field: str):
+    super().__init__()
+    self._unit, self._text_field = unit, text_field
+    self._next = 0
+    self._docs = None
+
+  def __next__(self) -> str:
+    if self._docs is None:
+      self._docs = read_documents(self._unit, self._text_field, self._next)
+    index, doc = next(self._docs)
+    self._next = index + 1
+    return doc
+
+  def get_state(self) -> dict[str, Any]:
+    return {"next": self._next}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._next, self._docs = int(state["next"]), None
+
+
+class _UnitDocuments(grain.IterDataset):
+  """An IterDataset of one unit's documents (str)."""
+
+  def __init__(self, unit: Unit, text_field: str):
+    super().__init__()
+    self._unit, self._text_field = unit, text_field
+
+  def __iter__(self) -> _UnitIterator:
+    return _UnitIterator(self._unit, self._text_field)
+
+
+class _Tokenize(grain.transforms.Map):
+  """text -> int32 token ids with EOS last; loads the tokenizer lazily (in
+  each worker process)."""
+
+  def __init__(self, tokenizer_path: str):
+    self._path, self._tokenizer = tokenizer_path, None
+
+  def __getstate__(self):
+    return {"_path": self._path, "_tokenizer": None}
+
+  def map(self, element: str) -> np.ndarray:
+    if self._tokenizer is None:
+      self._tokenizer = tok_lib.load_tokenizer(self._path)
+    ids = self._tokenizer.encode(element)
+    ids.append(self._tokenizer.eos_id)
+    return np.asarray(ids, dtype=np.int32)
+
+
+def _source_documents(units: list[Unit], text_field: str, seed: int) -> grain.IterDataset:
+  """Documents of `units`, reshuffled per epoch and repeated forever,
+  CYCLE_LENGTH files interleaved."""
+  datasets = (grain.MapDataset.source(units).shuffle(seed=seed).repeat()
+              .map(functools.partial(_UnitDocuments, text_field=text_field)))
+  return grain_exp.InterleaveIterDataset(datasets,
+                                         cycle_length=min(CYCLE_LENGTH, len(units)))
+
+
+def _seed(seed: int, *path: int) -> int:
+  return int(np.random.SeedSequence([seed, *path]).generate_state(1)[0])
+
+
+def make_train_dataset(sources: list[list[str]], tokenizer_path: str, seq_len: int,
+                       global_batch: int, seed: int, *, weights: list[float] | None = None,
+                       text_field: str = "text", heldout: int = 0,
+                       process_index: int | None = None, process_count: int | None = None,
+                       worker_count: int = 0, shuffle_window: int = 0) -> grain.IterDataset:
+  """The streaming training IterDataset of this process: batches [global/P, T].
+
+  Args:
+    sources: the files of each source (`source_files`).
+    tokenizer_path: SentencePiece .model or tokenizer.json.
+    weights: one per source (normalised), sampled by weight; None = the
+      sources' files form one stream.
+    heldout: leading documents of sources[0][0] held out (not trained on).
+    Others as `pipeline.make_train_dataset`.
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if global_batch % process_count:
+    raise DataError(f"global_batch={global_batch} is not divisible by the "
+                    f"{process_count} processes: set {flag('train.global_batch')} "
+                    "to a multiple of the process count.")
+  groups = sources if weights else [[f for files in sources for f in files]]
+  streams = []
+  for s, files in enumerate(groups):
+    units = local_units(files, process_index, process_count, heldout if s == 0 else 0)
+    docs = _source_documents(units, text_field, _seed(seed, process_index, 2, s))
+    streams.append(docs.map(_Tokenize(tokenizer_path)))
+  docs = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, weights)
+  batched = pipeline._pack_and_batch(  # pylint: disable=protected-access
+      docs, seq_len, global_batch // process_count, shuffle_window,
+      _seed(seed, process_index, 3))
+  if worker_count:
+    pipeline._ensure_flags_parsed()  # pylint: disable=protected-access
+    batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return batched
+
+
+def heldout_documents(first_file: str, tokenizer: tok_lib.Tokenizer, text_field: str,
+                      max_tokens: int) -> list[np.ndarray]:
+  """Token ids (EOS last) of the held-out documents: the leading documents of
+  `first_file` up to `max_tokens` tokens, never its last document."""
+  out, total = [], 0
+  for index, doc in read_documents(Unit(first_file), text_field):
+    if total >= max_tokens:
+      break
+    if index != len(out):  # a blank document: keep held-out indices contiguous
+      break
+    out.append(np.asarray(tokenizer.encode(doc) + [tokenizer.eos_id], dtype=np.int32))
+    total += out[-1].size
+  else:
+    out = out[:-1]  # the file ended: leave its last document to training
+  return out
+
+
+def ensure_heldout_dir(cfg: ml_collections.ConfigDict, out_dir: str) -> int:
+  """Write (or check) the held-out directory of a streaming run; the number
+  of held-out documents. Every process may call it at once: each builds
+  the directory privately and renames it into place, the first one wins."""
+  data_cfg = cfg.data
+  tokenizer_path = require_tokenizer(data_cfg)
+  if storage.is_remote(out_dir):
+    raise ConfigError(f"{flag('data.streaming')}=true keeps its held-out set in a local "
+                      f"directory: set {flag('data.prepared_dir')} to a local path.")
+  sources = [source_files(s, data_cfg.text_field) for s in config_lib.data_sources(cfg)]
+  tokenizer = tok_lib.load_tokenizer(tokenizer_path)
+  tok_lib.check_fits(tokenizer.vocab_size, cfg.model.vocab_size)
+  t = cfg.train
+  inputs = {"format": FORMAT, "input": data_cfg.input, "text_field": data_cfg.text_field,
+            "val_fraction": float(data_cfg.val_fraction), "first_file": sources[0][0],
+            "heldout_tokens": int(t.eval_batches * t.global_batch * t.seq_len),
+            "tokenizer_sha256": tok_lib.sha256_file(tokenizer_path)}
+  existing = _existing_manifest(out_dir, inputs)
+  if existing is not None:
+    return existing["documents"]["validation"]
+  docs = (heldout_documents(sources[0][0], tokenizer, data_cfg.text_field,
+                            inputs["heldout_tokens"]) if data_cfg.val_fraction > 0 else [])
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".heldout-", dir=parent)
+  try:
+    writer = prepare._ShardWriter(tmp, "validation")  # pylint: disable=protected-access
+    for ids in docs:
+      writer.write(ids)
+    writer.close()
+    name = tokenizer.file_name
+    tok_lib.copy_tokenizer(tokenizer_path, os.path.join(tmp, name))
+    write_json(os.path.join(tmp, MANIFEST), {
+        "format_version": prepare.FORMAT_VERSION, "inputs": inputs, "streaming": True,
+        "source": data_cfg.input,
+        "documents": {"train": None, "validation": len(docs)},
+        "tokens": {"train": None, "validation": int(sum(d.size for d in docs))},
+        "shards": {"train": [], "validation": writer.shards},
+        "tokenizer": {"file": name, "kind": tokenizer.kind,
+                      "sha256": inputs["tokenizer_sha256"],
+                      "vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id,
+                      "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id,
+                      "trained": False}})
+    try:
+      os.rename(tmp, out_dir)
+    except OSError:  # another process was first, or an (empty) directory is there
+      if os.path.isdir(out_dir) and not os.listdir(out_dir):
+        os.rmdir(out_dir)
+        os.rename(tmp, out_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  existing = _existing_manifest(out_dir, inputs)
+  if existing is None:
+    raise DataError(f"could not write the held-out set to {out_dir!r}; check it is a "
+                    "writable directory.")
+  return existing["documents"]["validation"]
+
+
+def _existing_manifest(out_dir: str, inputs: dict[str, Any]) -> dict[str, Any] | None:
+  """The manifest in out_dir when written from `inputs`; DataError when the
+  directory holds other data."""
+  path = os.path.join(out_dir, MANIFEST)
+  if not os.path.isfile(path):
+    return None
+  manifest = prepare.load_manifest(out_dir)
+  if manifest.get("inputs") != inputs:
+    raise DataError(f"{out_dir!r} holds data of other inputs than this streaming run; use "
+                    f"another {flag('data.prepared_dir')} or --workdir, or delete it.")
+  return manifest
+
+
+def make_train_iterator(cfg: ml_collections.ConfigDict, data_dir: str, seed: int
+                        ) -> grain.DatasetIterator:
+  """The streaming training iterator of a run (train.py's hook); its held-out
+  directory `data_dir` must exist (`ensure_heldout_dir`)."""
+  d, t = cfg.data, cfg.train
+  sources = [source_files(s, d.text_field) for s in config_lib.data_sources(cfg)]
+  heldout = prepare.load_manifest(data_dir)["documents"]["validation"]
+  return iter(make_train_dataset(
+      sources, require_tokenizer(d), t.seq_len, t.global_batch, seed,
+      weights=config_lib.data_weights(cfg), text_field=d.text_field, heldout=heldout,
+      worker_count=d.worker_count, shuffle_window=d.shuffle_window))
