@@ -13,11 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from nitp_jax import checkpoint as ckpt_lib
 from nitp_jax import config as config_lib
+from nitp_jax import evaluate
 from nitp_jax import train
 from nitp_jax.data import prepare
 from nitp_jax.data import streaming
-from nitp_jax.errors import ConfigError
+from nitp_jax.errors import ConfigError, DataError
+from nitp_jax.export import hf
 from tests.conftest import CORPUS_GLOB, train_config
 from tests.test_robust import Run, train_records
 
@@ -111,9 +114,14 @@ def test_heldout_dir_reads_like_prepared_data(tmp_path, corpus, tokenizer_path):
   docs = pipeline.heldout_documents(out)
   assert len(docs) == held and prepare.load_manifest(out)["streaming"]
   assert len(pipeline.make_eval_batches(out, 64, 8, 2)) >= 1
+  one = tmp_path / "one.jsonl"
+  one.write_text(json.dumps({"text": "a single document"}) + "\n")
+  cfg.data.input, cfg.data.weights = str(one), ""
+  with pytest.raises(DataError, match="nothing can be held out"):
+    streaming.ensure_heldout_dir(cfg, str(tmp_path / "data1"))
 
 
-STEPS = 6
+STEPS = 12
 
 
 @pytest.fixture(scope="module")
@@ -136,13 +144,21 @@ def test_killed_streaming_run_resumes_bitwise(streaming_config, tmp_path):
   train.run(config_lib.load_config_file(streaming_config), whole)
   parts = str(tmp_path / "parts" / "run")
   run = Run(streaming_config, parts)
-  run.wait_for(lambda: os.path.isdir(os.path.join(parts, "checkpoints", "4")), "checkpoint 4")
+  run.wait_for(lambda: os.path.isdir(os.path.join(parts, "checkpoints", "2")), "checkpoint 2")
   run.proc.kill()
   run.finish()
   assert run.logged_step() < STEPS
   rc, out = Run(streaming_config, parts).finish()
   assert rc == 0 and f"done: step {STEPS}" in out, out
+  with open(os.path.join(tmp_path, "parts", "child.log")) as f:
+    assert "resuming from step" in f.read()
   a, b = train_records(whole), train_records(parts)
   assert [r["step"] for r in b] == list(range(1, STEPS + 1))
   for key in ("loss", "ntp", "nitp", "grad_norm"):
     assert [r[key] for r in a] == [r[key] for r in b], key
+
+  # evaluate and export.hf read a streaming run as a prepared one.
+  assert np.isfinite(evaluate.evaluate_run(whole)["loss"])
+  _, cfg, params = ckpt_lib.restore_params(whole)
+  out = hf.export_from_params(params, cfg, str(tmp_path / "hf"), whole)
+  assert os.path.isfile(os.path.join(out, "tokenizer.json"))

@@ -256,6 +256,10 @@ def ensure_heldout_dir(cfg: ml_collections.ConfigDict, out_dir: str) -> int:
     return existing["documents"]["validation"]
   docs = (heldout_documents(sources[0][0], tokenizer, data_cfg.text_field,
                             inputs["heldout_tokens"]) if data_cfg.val_fraction > 0 else [])
+  if data_cfg.val_fraction > 0 and not docs:
+    raise DataError(f"{sources[0][0]} (the first file of {flag('data.input')}) has fewer "
+                    "than two documents, so nothing can be held out for evaluation: put a "
+                    "file with several documents first.")
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".heldout-", dir=parent)
