@@ -249,13 +249,14 @@ def ensure_heldout_dir(cfg: ml_collections.ConfigDict, out_dir: str) -> int:
   t = cfg.train
   inputs = {"format": FORMAT, "input": data_cfg.input, "text_field": data_cfg.text_field,
             "val_fraction": float(data_cfg.val_fraction), "first_file": sources[0][0],
-            "heldout_tokens": int(t.eval_batches * t.global_batch * t.seq_len),
             "tokenizer_sha256": tok_lib.sha256_file(tokenizer_path)}
   existing = _existing_manifest(out_dir, inputs)
   if existing is not None:
     return existing["documents"]["validation"]
+  # The first run sizes the set; runs sharing the directory (compare's arms) reuse it.
   docs = (heldout_documents(sources[0][0], tokenizer, data_cfg.text_field,
-                            inputs["heldout_tokens"]) if data_cfg.val_fraction > 0 else [])
+                            t.eval_batches * t.global_batch * t.seq_len)
+          if data_cfg.val_fraction > 0 else [])
   if data_cfg.val_fraction > 0 and not docs:
     raise DataError(f"{sources[0][0]} (the first file of {flag('data.input')}) has fewer "
                     "than two documents, so nothing can be held out for evaluation: put a "
