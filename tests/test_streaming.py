@@ -94,6 +94,11 @@ def test_processes_read_disjoint_documents(corpus):
   assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
   names = {d.split(" ", 1)[0] for d in seen[0] + seen[1]}
   assert names == {f"A{i}" for i in range(5, 150)} | {f"B{i}" for i in range(150)}
+  # The Parquet file (row groups of 32) is split by row group: process 0 reads
+  # groups 0, 2, 4; the .jsonl.zst file by line: process 0 keeps lines 0, 2, ...
+  assert {d.split(" ", 1)[0] for d in seen[0]} == (
+      {f"A{i}" for i in range(6, 150, 2)} |
+      {f"B{i}" for i in [*range(0, 32), *range(64, 96), *range(128, 150)]})
 
 
 def test_streaming_needs_a_tokenizer(tmp_path, corpus):

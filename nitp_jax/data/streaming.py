@@ -13,8 +13,9 @@ runs this Grain pipeline, yielding the same batches as the prepared path
   -> pieces of seq_len -> WindowShuffleIterDataset -> FirstFitPackIterDataset
   -> batch -> mp_prefetch(data.worker_count).
 
-Part j of a file split into k parts holds its documents j, j+k, j+2k, ...
-(every process still reads the whole file, keeps its part). The iterator
+Part j of a file split into k parts holds its row groups j, j+k, ... when it
+is a Parquet file with at least k row groups (a process reads only those),
+else its documents j, j+k, ... (the process reads the whole file). The iterator
 state is a JSON-able dict (each reader's state is the number of documents of
 its unit consumed) and `set_state` resumes to identical batches for the same
 arguments (process count and index, worker count).
@@ -102,16 +103,56 @@ def read_documents(unit: Unit, text_field: str, start: int = 0
   """(index in the file, text) of the unit's non-blank documents with index >=
   `start`; an unreadable file is skipped with a warning."""
   skipped: list[tuple[str, str]] = []
+  path = pathlib.Path(unit.path)
   try:
-    for i, doc in enumerate(corpus_lib._read_file(  # pylint: disable=protected-access
-        pathlib.Path(unit.path), text_field, False, skipped)):
-      if i >= max(start, unit.skip) and i % unit.parts == unit.part and doc.strip():
+    if unit.parts > 1 and _row_groups(path) >= unit.parts:
+      docs, mine = _parquet_part(path, unit, text_field, skipped), lambda i: True
+    else:
+      docs = enumerate(corpus_lib._read_file(path, text_field, False, skipped))  # pylint: disable=protected-access
+      mine = lambda i: i % unit.parts == unit.part
+    for i, doc in docs:
+      if i >= max(start, unit.skip) and mine(i) and doc.strip():
         yield i, doc
   except corpus_lib._BadFile as e:  # pylint: disable=protected-access
     logging.warning("streaming: skipping %s: %s", unit.path, e.args[0])
   if skipped:
     logging.warning("streaming: %s: %d bad record(s) skipped, first: %s", unit.path,
                     len(skipped), skipped[0])
+
+
+def _row_groups(path: pathlib.Path) -> int:
+  """Row groups of a readable Parquet file; 0 for any other file."""
+  if not path.name.lower().endswith(corpus_lib.PARQUET_SUFFIXES):
+    return 0
+  import pyarrow  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  try:
+    return pq.ParquetFile(path).metadata.num_row_groups
+  except (pyarrow.ArrowException, OSError):
+    return 0  # the format reader names the problem
+
+
+def _parquet_part(path: pathlib.Path, unit: Unit, text_field: str,
+                  skipped: list[tuple[str, str]]) -> Iterator[tuple[int, str]]:
+  """(row index, text) of row groups unit.part, unit.part + unit.parts, ...:
+  a process reads only its row groups."""
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  table = pq.ParquetFile(path)
+  if text_field not in table.schema_arrow.names:
+    raise corpus_lib._BadFile(  # pylint: disable=protected-access
+        f"has no column {text_field!r}; set {flag('data.text_field')} to the column "
+        "holding the text")
+  first = 0
+  for group in range(table.metadata.num_row_groups):
+    rows = table.metadata.row_group(group).num_rows
+    if group % unit.parts == unit.part:
+      values = table.read_row_group(group, columns=[text_field]).column(0).to_pylist()
+      for row, value in enumerate(values, first):
+        if isinstance(value, str):
+          yield row, value
+        else:
+          skipped.append((f"{path}:row {row + 1}", f"no text in column {text_field!r}"))
+    first += rows
 
 
 class _UnitIterator(grain.DatasetIterator):
