@@ -106,6 +106,9 @@ def test_streaming_needs_a_tokenizer(tmp_path, corpus):
   cfg.data.input, cfg.data.streaming = corpus[0], True
   with pytest.raises(ConfigError, match="data.tokenizer"):
     streaming.ensure_heldout_dir(cfg, str(tmp_path / "data"))
+  cfg.data.input, cfg.data.tokenizer = "", "tokenizer.model"
+  with pytest.raises(ConfigError, match="embedded corpus"):
+    streaming.ensure_heldout_dir(cfg, str(tmp_path / "data"))
 
 
 def test_heldout_dir_reads_like_prepared_data(tmp_path, corpus, tokenizer_path):
