@@ -79,12 +79,14 @@ def require_tokenizer(data_cfg: ml_collections.ConfigDict) -> str:
   return data_cfg.tokenizer
 
 
-def source_files(spec: str, text_field: str) -> list[str]:
-  """The files of one source, sorted, each once (corpus.open_corpus)."""
-  if not spec:
+def run_sources(cfg: ml_collections.ConfigDict) -> list[list[str]]:
+  """The files of each data.input source, sorted, each once (corpus.open_corpus)."""
+  specs = config_lib.data_sources(cfg)
+  if not specs:
     raise ConfigError(f"{flag('data.streaming')}=true needs {flag('data.input')}: the "
                       "embedded corpus is prepared, not streamed.")
-  return [str(p) for p in corpus_lib.open_corpus(spec, text_field).files]
+  return [[str(p) for p in corpus_lib.open_corpus(spec, cfg.data.text_field).files]
+          for spec in specs]
 
 
 def local_units(files: list[str], process_index: int, process_count: int,
@@ -228,7 +230,7 @@ def make_train_dataset(sources: list[list[str]], tokenizer_path: str, seq_len: i
   """The streaming training IterDataset of this process: batches [global/P, T].
 
   Args:
-    sources: the files of each source (`source_files`).
+    sources: the files of each source (`run_sources`).
     tokenizer_path: SentencePiece .model or tokenizer.json.
     weights: one per source (normalised), sampled by weight; None = the
       sources' files form one stream.
@@ -284,7 +286,7 @@ def ensure_heldout_dir(cfg: ml_collections.ConfigDict, out_dir: str) -> int:
   if storage.is_remote(out_dir):
     raise ConfigError(f"{flag('data.streaming')}=true keeps its held-out set in a local "
                       f"directory: set {flag('data.prepared_dir')} to a local path.")
-  sources = [source_files(s, data_cfg.text_field) for s in config_lib.data_sources(cfg)]
+  sources = run_sources(cfg)
   tokenizer = tok_lib.load_tokenizer(tokenizer_path)
   tok_lib.check_fits(tokenizer.vocab_size, cfg.model.vocab_size)
   t = cfg.train
@@ -356,7 +358,7 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, data_dir: str, seed: int
   """The streaming training iterator of a run (train.py's hook); its held-out
   directory `data_dir` must exist (`ensure_heldout_dir`)."""
   d, t = cfg.data, cfg.train
-  sources = [source_files(s, d.text_field) for s in config_lib.data_sources(cfg)]
+  sources = run_sources(cfg)
   heldout = prepare.load_manifest(data_dir)["documents"]["validation"]
   return iter(make_train_dataset(
       sources, require_tokenizer(d), t.seq_len, t.global_batch, seed,
