@@ -18,6 +18,7 @@ from nitp_jax import config as config_lib
 from nitp_jax import train
 from nitp_jax.data import prepare
 from nitp_jax.data import streaming
+from nitp_jax.data import tokenizer as tok_lib
 from nitp_jax.errors import ConfigError, DataError
 from nitp_jax.export import hf
 from tests.conftest import CORPUS_GLOB, train_config
@@ -28,7 +29,8 @@ SEQ, BATCH = 32, 4
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-  """Two sources: one .jsonl.zst and one .parquet file of distinct documents."""
+  """Two sources: one .jsonl.zst and one .parquet file of distinct documents,
+  the Parquet ones short."""
   root = tmp_path_factory.mktemp("stream_corpus")
   texts = [open(p, encoding="utf-8").read() for p in sorted(glob.glob(CORPUS_GLOB))]
   lines = [t for text in texts for t in text.split("\n\n") if t.strip()]
@@ -37,7 +39,7 @@ def corpus(tmp_path_factory):
   jsonl.write_bytes(zstandard.ZstdCompressor().compress(
       "".join(json.dumps({"text": f"A{i} {t}"}) + "\n" for i, t in enumerate(a)).encode()))
   parquet = root / "b.parquet"
-  pq.write_table(pa.table({"text": [f"B{i} {t}" for i, t in enumerate(b)]}), parquet,
+  pq.write_table(pa.table({"text": [f"B{i} {t[:40]}" for i, t in enumerate(b)]}), parquet,
                  row_group_size=32)
   return str(jsonl), str(parquet)
 
@@ -50,7 +52,7 @@ def tokenizer_path(prepared_dir):
 def dataset(corpus, tokenizer_path, index=0, count=1, seed=0, **kw):
   return streaming.make_train_dataset(
       [[corpus[0]], [corpus[1]]], tokenizer_path, SEQ, BATCH * count, seed,
-      weights=[0.7, 0.3], heldout=5, process_index=index, process_count=count,
+      proportions=[0.7, 0.3], heldout=5, process_index=index, process_count=count,
       shuffle_window=16, **kw)
 
 
@@ -79,6 +81,20 @@ def test_batches_format_determinism_and_resume(corpus, tokenizer_path):
       np.testing.assert_array_equal(x[k], y[k])
   other_seed = next(iter(dataset(corpus, tokenizer_path, seed=1)))
   assert not np.array_equal(other_seed["tokens"], first[0]["tokens"])
+
+
+def test_weights_are_shares_of_tokens(corpus, tokenizer_path):
+  tokenizer = tok_lib.load_tokenizer(tokenizer_path)
+  means = [streaming.mean_document_tokens(f, tokenizer, "text") for f in corpus]
+  assert means[0] > 2 * means[1]  # so shares of documents would be far off
+  docs = iter(streaming.mixed_documents(
+      [[corpus[0]], [corpus[1]]], tokenizer_path, 0, 0, 1,
+      proportions=streaming.document_proportions([0.7, 0.3], means)))
+  tokens = {"A": 0, "B": 0}
+  for _ in range(1000):
+    ids = next(docs)
+    tokens[tokenizer.decode(ids[:2])[0]] += ids.size
+  assert abs(tokens["A"] / (tokens["A"] + tokens["B"]) - 0.7) < 0.05, tokens
 
 
 def test_processes_read_disjoint_documents(corpus):

@@ -9,7 +9,10 @@ runs this Grain pipeline, yielding the same batches as the prepared path
   fewer files than processes) -> this process's units, shuffled per epoch and
   repeated forever -> InterleaveIterDataset over per-unit document readers
   (`corpus`'s format readers) -> map(tokenize + EOS)
-  -> IterDataset.mix(data.weights) across sources (one stream without weights)
+  -> IterDataset.mix across sources (one stream without data.weights), drawing
+  documents in proportion to weight / mean tokens per document, so a weight is
+  a share of tokens as on the prepared path (means from each source's first
+  SAMPLE_DOCUMENTS documents, kept in the held-out manifest)
   -> pieces of seq_len -> WindowShuffleIterDataset -> FirstFitPackIterDataset
   -> batch -> mp_prefetch(data.worker_count).
 
@@ -56,7 +59,8 @@ from nitp_jax.flag_names import flag
 from nitp_jax.layout import MANIFEST, write_json
 
 CYCLE_LENGTH = 4                 # files read at once per source and worker
-FORMAT = "streaming-heldout-1"
+SAMPLE_DOCUMENTS = 256           # per source, for its mean document length
+FORMAT = "streaming-heldout-2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,18 +226,42 @@ def _seed(seed: int, *path: int) -> int:
   return int(np.random.SeedSequence([seed, *path]).generate_state(1)[0])
 
 
+def mixed_documents(sources: list[list[str]], tokenizer_path: str, seed: int,
+                    process_index: int, process_count: int, *,
+                    proportions: list[float] | None = None, text_field: str = "text",
+                    heldout: int = 0) -> grain.IterDataset:
+  """This process's token-id documents (int32, EOS last), infinite: each
+  source's documents drawn in `proportions` (grain's deterministic mix); None
+  = the sources' files form one stream. The leading `heldout` documents of
+  sources[0][0] are skipped."""
+  groups = sources if proportions else [[f for files in sources for f in files]]
+  streams = []
+  for s, files in enumerate(groups):
+    units = local_units(files, process_index, process_count, heldout if s == 0 else 0)
+    docs = _source_documents(units, text_field, _seed(seed, process_index, 2, s))
+    streams.append(docs.map(_Tokenize(tokenizer_path)))
+  return streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, proportions)
+
+
+def document_proportions(weights: list[float], document_tokens: list[float]) -> list[float]:
+  """Per-source document proportions that give `weights` as shares of tokens
+  (as the prepared path's mixture): weight / mean tokens per document."""
+  return [w / m for w, m in zip(weights, document_tokens)]
+
+
 def make_train_dataset(sources: list[list[str]], tokenizer_path: str, seq_len: int,
-                       global_batch: int, seed: int, *, weights: list[float] | None = None,
-                       text_field: str = "text", heldout: int = 0,
-                       process_index: int | None = None, process_count: int | None = None,
-                       worker_count: int = 0, shuffle_window: int = 0) -> grain.IterDataset:
+                       global_batch: int, seed: int, *,
+                       proportions: list[float] | None = None, text_field: str = "text",
+                       heldout: int = 0, process_index: int | None = None,
+                       process_count: int | None = None, worker_count: int = 0,
+                       shuffle_window: int = 0) -> grain.IterDataset:
   """The streaming training IterDataset of this process: batches [global/P, T].
 
   Args:
     sources: the files of each source (`run_sources`).
     tokenizer_path: SentencePiece .model or tokenizer.json.
-    weights: one per source (normalised), sampled by weight; None = the
-      sources' files form one stream.
+    proportions: documents drawn per source (`document_proportions`); None =
+      the sources' files form one stream.
     heldout: leading documents of sources[0][0] held out (not trained on).
     Others as `pipeline.make_train_dataset`.
   """
@@ -244,13 +272,8 @@ def make_train_dataset(sources: list[list[str]], tokenizer_path: str, seq_len: i
     raise DataError(f"global_batch={global_batch} is not divisible by the "
                     f"{process_count} processes: set {flag('train.global_batch')} "
                     "to a multiple of the process count.")
-  groups = sources if weights else [[f for files in sources for f in files]]
-  streams = []
-  for s, files in enumerate(groups):
-    units = local_units(files, process_index, process_count, heldout if s == 0 else 0)
-    docs = _source_documents(units, text_field, _seed(seed, process_index, 2, s))
-    streams.append(docs.map(_Tokenize(tokenizer_path)))
-  docs = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, weights)
+  docs = mixed_documents(sources, tokenizer_path, seed, process_index, process_count,
+                         proportions=proportions, text_field=text_field, heldout=heldout)
   batched = pipeline._pack_and_batch(  # pylint: disable=protected-access
       docs, seq_len, global_batch // process_count, shuffle_window,
       _seed(seed, process_index, 3))
@@ -258,6 +281,21 @@ def make_train_dataset(sources: list[list[str]], tokenizer_path: str, seq_len: i
     pipeline._ensure_flags_parsed()  # pylint: disable=protected-access
     batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return batched
+
+
+def mean_document_tokens(first_file: str, tokenizer: tok_lib.Tokenizer, text_field: str
+                         ) -> float:
+  """Mean tokens per document (EOS included) of a source, estimated from the
+  first SAMPLE_DOCUMENTS documents of its first file."""
+  total = count = 0
+  for _, doc in read_documents(Unit(first_file), text_field):
+    total += len(tokenizer.encode(doc)) + 1
+    count += 1
+    if count == SAMPLE_DOCUMENTS:
+      break
+  if not count:
+    raise DataError(f"{first_file} has no documents: remove it from {flag('data.input')}")
+  return total / count
 
 
 def heldout_documents(first_file: str, tokenizer: tok_lib.Tokenizer, text_field: str,
@@ -304,6 +342,8 @@ def ensure_heldout_dir(cfg: ml_collections.ConfigDict, out_dir: str) -> int:
     raise DataError(f"{sources[0][0]} (the first file of {flag('data.input')}) has fewer "
                     "than two documents, so nothing can be held out for evaluation: put a "
                     "file with several documents first.")
+  document_tokens = [mean_document_tokens(files[0], tokenizer, data_cfg.text_field)
+                     for files in sources]
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".heldout-", dir=parent)
@@ -320,6 +360,7 @@ def ensure_heldout_dir(cfg: ml_collections.ConfigDict, out_dir: str) -> int:
         "documents": {"train": None, "validation": len(docs)},
         "tokens": {"train": None, "validation": int(sum(d.size for d in docs))},
         "shards": {"train": [], "validation": writer.shards},
+        "document_tokens": document_tokens,
         "tokenizer": {"file": name, "kind": tokenizer.kind,
                       "sha256": inputs["tokenizer_sha256"],
                       "vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id,
@@ -356,11 +397,15 @@ def _existing_manifest(out_dir: str, inputs: dict[str, Any]) -> dict[str, Any] |
 def make_train_iterator(cfg: ml_collections.ConfigDict, data_dir: str, seed: int
                         ) -> grain.DatasetIterator:
   """The streaming training iterator of a run (train.py's hook); its held-out
-  directory `data_dir` must exist (`ensure_heldout_dir`)."""
+  directory `data_dir` must exist (`ensure_heldout_dir`). data.weights are
+  shares of tokens, as on the prepared path."""
   d, t = cfg.data, cfg.train
-  sources = run_sources(cfg)
-  heldout = prepare.load_manifest(data_dir)["documents"]["validation"]
+  manifest = prepare.load_manifest(data_dir)
+  weights = config_lib.data_weights(cfg)
+  proportions = (document_proportions(weights, manifest["document_tokens"])
+                 if weights and len(weights) > 1 else None)
   return iter(make_train_dataset(
-      sources, require_tokenizer(d), t.seq_len, t.global_batch, seed,
-      weights=config_lib.data_weights(cfg), text_field=d.text_field, heldout=heldout,
+      run_sources(cfg), require_tokenizer(d), t.seq_len, t.global_batch, seed,
+      proportions=proportions, text_field=d.text_field,
+      heldout=manifest["documents"]["validation"],
       worker_count=d.worker_count, shuffle_window=d.shuffle_window))
