@@ -70,6 +70,9 @@ class Trainer:
     self.is_main = jax.process_index() == 0
     self.data_dir = prepare_data(cfg, self.workdir)
     self.log = MetricsLog(self.workdir, enabled=self.is_main)
+    if cfg.data.streaming:
+      for line in streaming.report_lines(cfg, self.data_dir):
+        self.log.info(line)
     self.train_iter = self._train_iterator(config_lib.order_seed(cfg))
     self.eval_batches = pipeline.make_eval_batches(
         self.data_dir, t.seq_len, t.global_batch, t.eval_batches)

@@ -174,6 +174,7 @@ def test_killed_streaming_run_resumes_bitwise(streaming_config, tmp_path):
   assert run.logged_step() < STEPS
   rc, out = Run(streaming_config, parts).finish()
   assert rc == 0 and f"done: step {STEPS}" in out and "resuming from step" in out, out
+  assert "held out: the first" in out and "data mixture (share of tokens)" in out, out
   a, b = train_records(whole), train_records(parts)
   assert [r["step"] for r in b] == list(range(1, STEPS + 1))
   for key in ("loss", "ntp", "nitp", "grad_norm"):

@@ -40,7 +40,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterator, Union
 
 import grain
 import ml_collections
@@ -58,6 +58,7 @@ from nitp_jax.errors import ConfigError, DataError
 from nitp_jax.flag_names import flag
 from nitp_jax.layout import MANIFEST, write_json
 
+Document = Union[str, np.ndarray]  # text, or the ids of a pre-tokenized file
 CYCLE_LENGTH = 4                 # files read at once per source and worker
 SAMPLE_DOCUMENTS = 256           # per source, for its mean document length
 FORMAT = "streaming-heldout-2"
@@ -105,25 +106,60 @@ def local_units(files: list[str], process_index: int, process_count: int,
 
 
 def read_documents(unit: Unit, text_field: str, start: int = 0
-                   ) -> Iterator[tuple[int, str]]:
-  """(index in the file, text) of the unit's non-blank documents with index >=
-  `start`; an unreadable file is skipped with a warning."""
+                   ) -> Iterator[tuple[int, Document]]:
+  """(index in the file, document) of the unit's non-blank documents with
+  index >= `start`; malformed records and an unreadable file are skipped
+  with a warning."""
   skipped: list[tuple[str, str]] = []
   path = pathlib.Path(unit.path)
   try:
     if unit.parts > 1 and _row_groups(path) >= unit.parts:
       docs, mine = _parquet_part(path, unit, text_field, skipped), lambda i: True
     else:
-      docs = enumerate(corpus_lib._read_file(path, text_field, False, skipped))  # pylint: disable=protected-access
+      docs = enumerate(_file_documents(path, text_field, skipped))
       mine = lambda i: i % unit.parts == unit.part
     for i, doc in docs:
-      if i >= max(start, unit.skip) and mine(i) and doc.strip():
+      if i >= max(start, unit.skip) and mine(i) and _non_blank(doc):
         yield i, doc
   except corpus_lib._BadFile as e:  # pylint: disable=protected-access
     logging.warning("streaming: skipping %s: %s", unit.path, e.args[0])
   if skipped:
-    logging.warning("streaming: %s: %d bad record(s) skipped, first: %s", unit.path,
+    logging.warning("streaming: %s: %d malformed record(s) skipped, first: %s", unit.path,
                     len(skipped), skipped[0])
+
+
+def _file_documents(path: pathlib.Path, text_field: str, skipped: list[tuple[str, str]]
+                    ) -> Iterator[Document]:
+  """`corpus`'s format reader for one file, malformed records appended to
+  `skipped`. (corpus._read_file takes a BadRecords where the bad-data policy
+  of nitp_jax.data.bad_records exists.)"""
+  bad_records = getattr(corpus_lib, "BadRecords", None)
+  if bad_records is None:
+    yield from corpus_lib._read_file(path, text_field, False, skipped)  # pylint: disable=protected-access
+    return
+  bad = bad_records()
+  try:
+    for doc in corpus_lib._read_file(path, text_field, bad):  # pylint: disable=protected-access
+      bad.record_ok()
+      yield doc
+  finally:
+    if bad.count:
+      logging.warning("streaming: %s: %s", path, bad.summary())
+
+
+def _non_blank(doc: Document) -> bool:
+  return bool(doc.strip()) if isinstance(doc, str) else doc.size > 0
+
+
+def token_ids(tokenizer: tok_lib.Tokenizer, doc: Document) -> np.ndarray:
+  """int32 ids of a document with EOS last (a pre-tokenized one keeps its ids)."""
+  if isinstance(doc, str):
+    ids = tokenizer.encode(doc)
+    ids.append(tokenizer.eos_id)
+    return np.asarray(ids, dtype=np.int32)
+  ids = np.asarray(doc, dtype=np.int32)
+  return ids if ids.size and ids[-1] == tokenizer.eos_id else np.append(
+      ids, np.int32(tokenizer.eos_id))
 
 
 def _row_groups(path: pathlib.Path) -> int:
@@ -170,7 +206,7 @@ class _UnitIterator(grain.DatasetIterator):
     self._next = 0
     self._docs = None
 
-  def __next__(self) -> str:
+  def __next__(self) -> Document:
     if self._docs is None:
       self._docs = read_documents(self._unit, self._text_field, self._next)
     index, doc = next(self._docs)
@@ -205,12 +241,10 @@ class _Tokenize(grain.transforms.Map):
   def __getstate__(self):
     return {"_path": self._path, "_tokenizer": None}
 
-  def map(self, element: str) -> np.ndarray:
+  def map(self, element: Document) -> np.ndarray:
     if self._tokenizer is None:
       self._tokenizer = tok_lib.load_tokenizer(self._path)
-    ids = self._tokenizer.encode(element)
-    ids.append(self._tokenizer.eos_id)
-    return np.asarray(ids, dtype=np.int32)
+    return token_ids(self._tokenizer, element)
 
 
 def _source_documents(units: list[Unit], text_field: str, seed: int) -> grain.IterDataset:
@@ -289,7 +323,7 @@ def mean_document_tokens(first_file: str, tokenizer: tok_lib.Tokenizer, text_fie
   first SAMPLE_DOCUMENTS documents of its first file."""
   total = count = 0
   for _, doc in read_documents(Unit(first_file), text_field):
-    total += len(tokenizer.encode(doc)) + 1
+    total += token_ids(tokenizer, doc).size
     count += 1
     if count == SAMPLE_DOCUMENTS:
       break
@@ -308,7 +342,7 @@ def heldout_documents(first_file: str, tokenizer: tok_lib.Tokenizer, text_field:
       break
     if index != len(out):  # a blank document: keep held-out indices contiguous
       break
-    out.append(np.asarray(tokenizer.encode(doc) + [tokenizer.eos_id], dtype=np.int32))
+    out.append(token_ids(tokenizer, doc))
     total += out[-1].size
   else:
     out = out[:-1]  # the file ended: leave its last document to training
@@ -392,6 +426,22 @@ def _existing_manifest(out_dir: str, inputs: dict[str, Any]) -> dict[str, Any] |
     raise DataError(f"{out_dir!r} holds data of other inputs than this streaming run; use "
                     f"another {flag('data.prepared_dir')} or --workdir, or delete it.")
   return manifest
+
+
+def report_lines(cfg: ml_collections.ConfigDict, data_dir: str) -> list[str]:
+  """What a streaming run says about its data: sources, held-out set, mixture."""
+  manifest = prepare.load_manifest(data_dir)
+  specs, held = config_lib.data_sources(cfg), manifest["documents"]["validation"]
+  lines = [f"streaming {len(specs)} source(s), tokenized on the fly; held out: "
+           + (f"the first {held} documents ({manifest['tokens']['validation']} tokens) of "
+              f"{manifest['inputs']['first_file']}" if held else
+              f"nothing ({flag('data.val_fraction')}=0), so there is no evaluation")]
+  weights = config_lib.data_weights(cfg)
+  if weights and len(weights) > 1:
+    lines.append("data mixture (share of tokens): " + "; ".join(
+        f"{spec} -> {w:.3f} (~{m:.0f} tokens/document)"
+        for spec, w, m in zip(specs, weights, manifest["document_tokens"])))
+  return lines
 
 
 def make_train_iterator(cfg: ml_collections.ConfigDict, data_dir: str, seed: int
