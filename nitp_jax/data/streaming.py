@@ -111,7 +111,7 @@ def read_documents(unit: Unit, text_field: str, start: int = 0
   index >= `start`; malformed records and an unreadable file are skipped
   with a warning."""
   skipped: list[tuple[str, str]] = []
-  path = pathlib.Path(unit.path)
+  path = _path(unit.path)
   try:
     if unit.parts > 1 and _row_groups(path) >= unit.parts:
       docs, mine = _parquet_part(path, unit, text_field, skipped), lambda i: True
@@ -162,9 +162,16 @@ def token_ids(tokenizer: tok_lib.Tokenizer, doc: Document) -> np.ndarray:
       ids, np.int32(tokenizer.eos_id))
 
 
+def _path(name: str):
+  """A source file: local, or gs://... through the storage layer (where
+  corpus reads such sources)."""
+  return storage.epath(name) if storage.is_remote(name) else pathlib.Path(name)
+
+
 def _row_groups(path: pathlib.Path) -> int:
-  """Row groups of a readable Parquet file; 0 for any other file."""
-  if not path.name.lower().endswith(corpus_lib.PARQUET_SUFFIXES):
+  """Row groups of a readable local Parquet file; 0 for any other file."""
+  if (storage.is_remote(str(path))
+      or not path.name.lower().endswith(corpus_lib.PARQUET_SUFFIXES)):
     return 0
   import pyarrow  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
