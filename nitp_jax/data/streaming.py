@@ -19,8 +19,8 @@ runs this Grain pipeline, yielding the same batches as the prepared path
 Part j of a file split into k parts holds its row groups j, j+k, ... when it
 is a Parquet file with at least k row groups (a process reads only those),
 else its documents j, j+k, ... (the process reads the whole file). The iterator
-state is a JSON-able dict (each reader's state is the number of documents of
-its unit consumed) and `set_state` resumes to identical batches for the same
+state is a JSON-able dict (each reader's state is the index in its file of
+the next document) and `set_state` resumes to identical batches for the same
 arguments (process count and index, worker count).
 
 Held-out set (documents, not batches): the first documents of the first file
@@ -409,10 +409,12 @@ def ensure_heldout_dir(cfg: ml_collections.ConfigDict, out_dir: str) -> int:
                       "trained": False}})
     try:
       os.rename(tmp, out_dir)
-    except OSError:  # another process was first, or an (empty) directory is there
-      if os.path.isdir(out_dir) and not os.listdir(out_dir):
-        os.rmdir(out_dir)
+    except OSError:  # another process was first, or an empty directory is there
+      try:
+        os.rmdir(out_dir)  # only when empty
         os.rename(tmp, out_dir)
+      except OSError:
+        pass  # another process's directory: checked below
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   existing = _existing_manifest(out_dir, inputs)
