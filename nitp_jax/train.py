@@ -26,7 +26,7 @@ from nitp_jax import preemption
 from nitp_jax import sharding
 from nitp_jax import step as step_lib
 from nitp_jax import workdir_lock
-from nitp_jax.data import pipeline, prepare
+from nitp_jax.data import pipeline, prepare, streaming
 from nitp_jax.export import hf
 from nitp_jax.errors import NonFiniteLossError
 from nitp_jax.metrics_log import MetricsLog, Throughput, console_line
@@ -35,6 +35,9 @@ from nitp_jax.metrics_log import MetricsLog, Throughput, console_line
 def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   """Tokenized shards for cfg.data (built once, reused on resume)."""
   data_dir = layout.data_dir(cfg, workdir)
+  if cfg.data.streaming:  # no preparation: each process writes the small held-out set
+    streaming.ensure_heldout_dir(cfg, data_dir)
+    return data_dir
   # Process 0 first; then the others reuse its output (shared disk) or build
   # their own copy (hosts with local disks).
   if jax.process_index() == 0:
@@ -67,13 +70,16 @@ class Trainer:
     self.is_main = jax.process_index() == 0
     self.data_dir = prepare_data(cfg, self.workdir)
     self.log = MetricsLog(self.workdir, enabled=self.is_main)
-    weights = config_lib.data_weights(cfg)
-    if weights and len(weights) > 1:
+    if cfg.data.streaming:
+      for line in streaming.report_lines(cfg, self.data_dir):
+        self.log.info(line)
+    elif (weights := config_lib.data_weights(cfg)) and len(weights) > 1:
       self.log.info(pipeline.describe_mixture(self.data_dir, weights))
     self.train_iter = self._train_iterator(config_lib.order_seed(cfg))
     self.eval_batches = pipeline.make_eval_batches(
         self.data_dir, t.seq_len, t.global_batch, t.eval_batches)
-    for line in prepare.report_lines(self.data_dir):  # what is held out, what skipped
+    for line in [] if cfg.data.streaming else prepare.report_lines(self.data_dir):
+      # what is held out, what skipped
       self.log.info(line)
     self.tasks = evaluate.run_tasks(cfg, self.data_dir) if self.eval_batches else []
     self.checkpointer = ckpt_lib.Checkpointer(self.workdir, t.keep_checkpoints)
@@ -81,6 +87,8 @@ class Trainer:
 
   def _train_iterator(self, seed: int):
     t = self.cfg.train
+    if self.cfg.data.streaming:
+      return streaming.make_train_iterator(self.cfg, self.data_dir, seed)
     return pipeline.make_train_iterator(self.data_dir, t.seq_len, t.global_batch, seed=seed,
                                         worker_count=self.cfg.data.worker_count,
                                         shuffle_window=self.cfg.data.shuffle_window,

@@ -1,13 +1,28 @@
 """Shared fixtures: one small real corpus (stdlib sources) prepared once."""
 
+import atexit
 import glob
 import os
+import shutil
 import sysconfig
+import tempfile
 
-import pytest
+# One XLA compilation cache for the session, set before jax loads and
+# inherited by the child processes the tests start (`python -m nitp_jax.…`):
+# the suite compiles the same tiny models in dozens of processes, and
+# compiling, not running, is most of its time on 2 cores. A fresh directory
+# per session, so no run reuses another's executables.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _XLA_CACHE = tempfile.mkdtemp(prefix="nitp_jax_xla_cache_")
+  atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_XLA_CACHE,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
-from nitp_jax import config as config_lib
-from nitp_jax.data import prepare
+import pytest  # noqa: E402
+
+from nitp_jax import config as config_lib  # noqa: E402
+from nitp_jax.data import prepare  # noqa: E402
 
 CORPUS_GLOB = os.path.join(sysconfig.get_paths()["stdlib"], "email", "*.py")
 VOCAB = 512

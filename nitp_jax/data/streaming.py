@@ -1,0 +1,470 @@
+"""Streaming input: documents read and tokenized on the fly, per process.
+
+With `data.streaming=true` no process prepares the corpus. Every process
+lists the files of each `data.input` source, keeps its own share of them and
+runs this Grain pipeline, yielding the same batches as the prepared path
+(`pipeline`: tokens, segment_ids, positions, int32 [B_local, T]):
+
+  units of a source (its files; each file cut into `parts` when the source has
+  fewer files than processes) -> this process's units, shuffled per epoch and
+  repeated forever -> InterleaveIterDataset over per-unit document readers
+  (`corpus`'s format readers) -> map(tokenize + EOS)
+  -> IterDataset.mix across sources (one stream without data.weights), drawing
+  documents in proportion to weight / mean tokens per document, so a weight is
+  a share of tokens as on the prepared path (means from each source's first
+  SAMPLE_DOCUMENTS documents, kept in the held-out manifest)
+  -> pieces of seq_len -> WindowShuffleIterDataset -> FirstFitPackIterDataset
+  -> batch -> mp_prefetch(data.worker_count).
+
+Part j of a file split into k parts holds its row groups j, j+k, ... when it
+is a Parquet file with at least k row groups (a process reads only those),
+else its documents j, j+k, ... (the process reads the whole file). The iterator
+state is a JSON-able dict (each reader's state is the index in its file of
+the next document) and `set_state` resumes to identical batches for the same
+arguments (process count and index, worker count).
+
+Held-out set (documents, not batches): the first documents of the first file
+of the first source, up to `train.eval_batches` full batches of tokens (never
+that file's last document), when `data.val_fraction` > 0. Training skips
+them. `ensure_heldout_dir` writes them as a small prepared-format directory
+(manifest, tokenizer copy, validation shard) so `evaluate`, `export.hf` and
+the eval tasks read a streaming run like a prepared one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Iterator, Union
+
+import grain
+import ml_collections
+import numpy as np
+from absl import logging
+from grain import experimental as grain_exp
+
+from nitp_jax import config as config_lib
+from nitp_jax import storage
+from nitp_jax.data import corpus as corpus_lib
+from nitp_jax.data import pipeline
+from nitp_jax.data import prepare
+from nitp_jax.data import tokenizer as tok_lib
+from nitp_jax.errors import ConfigError, DataError
+from nitp_jax.flag_names import flag
+from nitp_jax.layout import MANIFEST, write_json
+
+Document = Union[str, np.ndarray]  # text, or the ids of a pre-tokenized file
+CYCLE_LENGTH = 4                 # files read at once per source and worker
+SAMPLE_DOCUMENTS = 256           # per source, for its mean document length
+FORMAT = "streaming-heldout-2"
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """Part `part` of `parts` of one file's documents, skipping the first `skip`
+  (the held-out documents)."""
+  path: str
+  part: int = 0
+  parts: int = 1
+  skip: int = 0
+
+
+def require_tokenizer(data_cfg: ml_collections.ConfigDict) -> str:
+  """The tokenizer of a streaming run; ConfigError when none is given."""
+  if not data_cfg.tokenizer:
+    raise ConfigError(f"{flag('data.streaming')}=true needs {flag('data.tokenizer')}="
+                      "FILE (a SentencePiece .model or tokenizer.json): training one needs a "
+                      "pass over the corpus, so run `python -m nitp_jax.data.prepare` once or "
+                      "give a tokenizer.")
+  return data_cfg.tokenizer
+
+
+def run_sources(cfg: ml_collections.ConfigDict) -> list[list[str]]:
+  """The files of each data.input source, sorted, each once (corpus.open_corpus)."""
+  specs = config_lib.data_sources(cfg)
+  if not specs:
+    raise ConfigError(f"{flag('data.streaming')}=true needs {flag('data.input')}: the "
+                      "embedded corpus is prepared, not streamed.")
+  return [[str(p) for p in corpus_lib.open_corpus(spec, cfg.data.text_field).files]
+          for spec in specs]
+
+
+def local_units(files: list[str], process_index: int, process_count: int,
+                heldout: int = 0) -> list[Unit]:
+  """This process's units of one source's files: files process_index,
+  process_index + P, ... or, with fewer files than processes, parts of every
+  file. The first file skips its `heldout` leading documents."""
+  parts = math.ceil(process_count / len(files))
+  units = [Unit(f, j, parts, heldout if i == 0 else 0)
+           for i, f in enumerate(files) for j in range(parts)]
+  return units[process_index::process_count]
+
+
+def read_documents(unit: Unit, text_field: str, start: int = 0
+                   ) -> Iterator[tuple[int, Document]]:
+  """(index in the file, document) of the unit's non-blank documents with
+  index >= `start`; malformed records and an unreadable file are skipped
+  with a warning."""
+  skipped: list[tuple[str, str]] = []
+  path = _path(unit.path)
+  try:
+    if unit.parts > 1 and _row_groups(path) >= unit.parts:
+      docs, mine = _parquet_part(path, unit, text_field, skipped), lambda i: True
+    else:
+      docs = enumerate(_file_documents(path, text_field, skipped))
+      mine = lambda i: i % unit.parts == unit.part
+    for i, doc in docs:
+      if i >= max(start, unit.skip) and mine(i) and _non_blank(doc):
+        yield i, doc
+  except corpus_lib._BadFile as e:  # pylint: disable=protected-access
+    logging.warning("streaming: skipping %s: %s", unit.path, e.args[0])
+  if skipped:
+    logging.warning("streaming: %s: %d malformed record(s) skipped, first: %s", unit.path,
+                    len(skipped), skipped[0])
+
+
+def _file_documents(path: pathlib.Path, text_field: str, skipped: list[tuple[str, str]]
+                    ) -> Iterator[Document]:
+  """`corpus`'s format reader for one file, malformed records appended to
+  `skipped`. (corpus._read_file takes a BadRecords where the bad-data policy
+  of nitp_jax.data.bad_records exists.)"""
+  bad_records = getattr(corpus_lib, "BadRecords", None)
+  if bad_records is None:
+    yield from corpus_lib._read_file(path, text_field, False, skipped)  # pylint: disable=protected-access
+    return
+  bad = bad_records()
+  try:
+    for doc in corpus_lib._read_file(path, text_field, bad):  # pylint: disable=protected-access
+      bad.record_ok()
+      yield doc
+  finally:
+    if bad.count:
+      logging.warning("streaming: %s: %s", path, bad.summary())
+
+
+def _non_blank(doc: Document) -> bool:
+  return bool(doc.strip()) if isinstance(doc, str) else doc.size > 0
+
+
+def token_ids(tokenizer: tok_lib.Tokenizer, doc: Document) -> np.ndarray:
+  """int32 ids of a document with EOS last (a pre-tokenized one keeps its ids)."""
+  if isinstance(doc, str):
+    ids = tokenizer.encode(doc)
+    ids.append(tokenizer.eos_id)
+    return np.asarray(ids, dtype=np.int32)
+  ids = np.asarray(doc, dtype=np.int32)
+  return ids if ids.size and ids[-1] == tokenizer.eos_id else np.append(
+      ids, np.int32(tokenizer.eos_id))
+
+
+def _path(name: str):
+  """A source file: local, or gs://... through the storage layer (where
+  corpus reads such sources)."""
+  return storage.epath(name) if storage.is_remote(name) else pathlib.Path(name)
+
+
+def _row_groups(path: pathlib.Path) -> int:
+  """Row groups of a readable local Parquet file; 0 for any other file."""
+  if (storage.is_remote(str(path))
+      or not path.name.lower().endswith(corpus_lib.PARQUET_SUFFIXES)):
+    return 0
+  import pyarrow  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  try:
+    return pq.ParquetFile(path).metadata.num_row_groups
+  except (pyarrow.ArrowException, OSError):
+    return 0  # the format reader names the problem
+
+
+def _parquet_part(path: pathlib.Path, unit: Unit, text_field: str,
+                  skipped: list[tuple[str, str]]) -> Iterator[tuple[int, str]]:
+  """(row index, text) of row groups unit.part, unit.part + unit.parts, ...:
+  a process reads only its row groups."""
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  table = pq.ParquetFile(path)
+  if text_field not in table.schema_arrow.names:
+    raise corpus_lib._BadFile(  # pylint: disable=protected-access
+        f"has no column {text_field!r}; set {flag('data.text_field')} to the column "
+        "holding the text")
+  first = 0
+  for group in range(table.metadata.num_row_groups):
+    rows = table.metadata.row_group(group).num_rows
+    if group % unit.parts == unit.part:
+      values = table.read_row_group(group, columns=[text_field]).column(0).to_pylist()
+      for row, value in enumerate(values, first):
+        if isinstance(value, str):
+          yield row, value
+        else:
+          skipped.append((f"{path}:row {row + 1}", f"no text in column {text_field!r}"))
+    first += rows
+
+
+class _UnitIterator(grain.DatasetIterator):
+  """Documents of one unit; state = the file index of the next document."""
+
+  def __init__(self, unit: Unit, text_field: str):
+    super().__init__()
+    self._unit, self._text_field = unit, text_field
+    self._next = 0
+    self._docs = None
+
+  def __next__(self) -> Document:
+    if self._docs is None:
+      self._docs = read_documents(self._unit, self._text_field, self._next)
+    index, doc = next(self._docs)
+    self._next = index + 1
+    return doc
+
+  def get_state(self) -> dict[str, Any]:
+    return {"next": self._next}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._next, self._docs = int(state["next"]), None
+
+
+class _UnitDocuments(grain.IterDataset):
+  """An IterDataset of one unit's documents (str)."""
+
+  def __init__(self, unit: Unit, text_field: str):
+    super().__init__()
+    self._unit, self._text_field = unit, text_field
+
+  def __iter__(self) -> _UnitIterator:
+    return _UnitIterator(self._unit, self._text_field)
+
+
+class _Tokenize(grain.transforms.Map):
+  """text -> int32 token ids with EOS last; loads the tokenizer lazily (in
+  each worker process)."""
+
+  def __init__(self, tokenizer_path: str):
+    self._path, self._tokenizer = tokenizer_path, None
+
+  def __getstate__(self):
+    return {"_path": self._path, "_tokenizer": None}
+
+  def map(self, element: Document) -> np.ndarray:
+    if self._tokenizer is None:
+      self._tokenizer = tok_lib.load_tokenizer(self._path)
+    return token_ids(self._tokenizer, element)
+
+
+def _source_documents(units: list[Unit], text_field: str, seed: int) -> grain.IterDataset:
+  """Documents of `units`, reshuffled per epoch and repeated forever,
+  CYCLE_LENGTH files interleaved."""
+  datasets = (grain.MapDataset.source(units).shuffle(seed=seed).repeat()
+              .map(functools.partial(_UnitDocuments, text_field=text_field)))
+  return grain_exp.InterleaveIterDataset(datasets,
+                                         cycle_length=min(CYCLE_LENGTH, len(units)))
+
+
+def _seed(seed: int, *path: int) -> int:
+  return int(np.random.SeedSequence([seed, *path]).generate_state(1)[0])
+
+
+def mixed_documents(sources: list[list[str]], tokenizer_path: str, seed: int,
+                    process_index: int, process_count: int, *,
+                    proportions: list[float] | None = None, text_field: str = "text",
+                    heldout: int = 0) -> grain.IterDataset:
+  """This process's token-id documents (int32, EOS last), infinite: each
+  source's documents drawn in `proportions` (grain's deterministic mix); None
+  = the sources' files form one stream. The leading `heldout` documents of
+  sources[0][0] are skipped."""
+  groups = sources if proportions else [[f for files in sources for f in files]]
+  streams = []
+  for s, files in enumerate(groups):
+    units = local_units(files, process_index, process_count, heldout if s == 0 else 0)
+    docs = _source_documents(units, text_field, _seed(seed, process_index, 2, s))
+    streams.append(docs.map(_Tokenize(tokenizer_path)))
+  return streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, proportions)
+
+
+def document_proportions(weights: list[float], document_tokens: list[float]) -> list[float]:
+  """Per-source document proportions that give `weights` as shares of tokens
+  (as the prepared path's mixture): weight / mean tokens per document."""
+  return [w / m for w, m in zip(weights, document_tokens)]
+
+
+def make_train_dataset(sources: list[list[str]], tokenizer_path: str, seq_len: int,
+                       global_batch: int, seed: int, *,
+                       proportions: list[float] | None = None, text_field: str = "text",
+                       heldout: int = 0, process_index: int | None = None,
+                       process_count: int | None = None, worker_count: int = 0,
+                       shuffle_window: int = 0) -> grain.IterDataset:
+  """The streaming training IterDataset of this process: batches [global/P, T].
+
+  Args:
+    sources: the files of each source (`run_sources`).
+    tokenizer_path: SentencePiece .model or tokenizer.json.
+    proportions: documents drawn per source (`document_proportions`); None =
+      the sources' files form one stream.
+    heldout: leading documents of sources[0][0] held out (not trained on).
+    Others as `pipeline.make_train_dataset`.
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if global_batch % process_count:
+    raise DataError(f"global_batch={global_batch} is not divisible by the "
+                    f"{process_count} processes: set {flag('train.global_batch')} "
+                    "to a multiple of the process count.")
+  docs = mixed_documents(sources, tokenizer_path, seed, process_index, process_count,
+                         proportions=proportions, text_field=text_field, heldout=heldout)
+  batched = pipeline._pack_and_batch(  # pylint: disable=protected-access
+      docs, seq_len, global_batch // process_count, shuffle_window,
+      _seed(seed, process_index, 3))
+  if worker_count:
+    pipeline._ensure_flags_parsed()  # pylint: disable=protected-access
+    batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return batched
+
+
+def mean_document_tokens(first_file: str, tokenizer: tok_lib.Tokenizer, text_field: str
+                         ) -> float:
+  """Mean tokens per document (EOS included) of a source, estimated from the
+  first SAMPLE_DOCUMENTS documents of its first file."""
+  total = count = 0
+  for _, doc in read_documents(Unit(first_file), text_field):
+    total += token_ids(tokenizer, doc).size
+    count += 1
+    if count == SAMPLE_DOCUMENTS:
+      break
+  if not count:
+    raise DataError(f"{first_file} has no documents: remove it from {flag('data.input')}")
+  return total / count
+
+
+def heldout_documents(first_file: str, tokenizer: tok_lib.Tokenizer, text_field: str,
+                      max_tokens: int) -> list[np.ndarray]:
+  """Token ids (EOS last) of the held-out documents: the leading documents of
+  `first_file` up to `max_tokens` tokens, never its last document."""
+  out, total = [], 0
+  for index, doc in read_documents(Unit(first_file), text_field):
+    if total >= max_tokens:
+      break
+    if index != len(out):  # a blank document: keep held-out indices contiguous
+      break
+    out.append(token_ids(tokenizer, doc))
+    total += out[-1].size
+  else:
+    out = out[:-1]  # the file ended: leave its last document to training
+  return out
+
+
+def ensure_heldout_dir(cfg: ml_collections.ConfigDict, out_dir: str) -> int:
+  """Write (or check) the held-out directory of a streaming run; the number
+  of held-out documents. Every process may call it at once: each builds
+  the directory privately and renames it into place, the first one wins."""
+  data_cfg = cfg.data
+  tokenizer_path = require_tokenizer(data_cfg)
+  if storage.is_remote(out_dir):
+    raise ConfigError(f"{flag('data.streaming')}=true keeps its held-out set in a local "
+                      f"directory: set {flag('data.prepared_dir')} to a local path.")
+  sources = run_sources(cfg)
+  tokenizer = tok_lib.load_tokenizer(tokenizer_path)
+  tok_lib.check_fits(tokenizer.vocab_size, cfg.model.vocab_size)
+  t = cfg.train
+  inputs = {"format": FORMAT, "input": data_cfg.input, "text_field": data_cfg.text_field,
+            "val_fraction": float(data_cfg.val_fraction), "first_file": sources[0][0],
+            "tokenizer_sha256": tok_lib.sha256_file(tokenizer_path)}
+  existing = _existing_manifest(out_dir, inputs)
+  if existing is not None:
+    return existing["documents"]["validation"]
+  # The first run sizes the set; runs sharing the directory (compare's arms) reuse it.
+  docs = (heldout_documents(sources[0][0], tokenizer, data_cfg.text_field,
+                            t.eval_batches * t.global_batch * t.seq_len)
+          if data_cfg.val_fraction > 0 else [])
+  if data_cfg.val_fraction > 0 and not docs:
+    raise DataError(f"{sources[0][0]} (the first file of {flag('data.input')}) has fewer "
+                    "than two documents, so nothing can be held out for evaluation: put a "
+                    "file with several documents first.")
+  document_tokens = [mean_document_tokens(files[0], tokenizer, data_cfg.text_field)
+                     for files in sources]
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".heldout-", dir=parent)
+  try:
+    writer = prepare._ShardWriter(tmp, "validation")  # pylint: disable=protected-access
+    for ids in docs:
+      writer.write(ids)
+    writer.close()
+    name = tokenizer.file_name
+    tok_lib.copy_tokenizer(tokenizer_path, os.path.join(tmp, name))
+    write_json(os.path.join(tmp, MANIFEST), {
+        "format_version": prepare.FORMAT_VERSION, "inputs": inputs, "streaming": True,
+        "source": data_cfg.input,
+        "documents": {"train": None, "validation": len(docs)},
+        "tokens": {"train": None, "validation": int(sum(d.size for d in docs))},
+        "shards": {"train": [], "validation": writer.shards},
+        "document_tokens": document_tokens,
+        "tokenizer": {"file": name, "kind": tokenizer.kind,
+                      "sha256": inputs["tokenizer_sha256"],
+                      "vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id,
+                      "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id,
+                      "trained": False}})
+    try:
+      os.rename(tmp, out_dir)
+    except OSError:  # another process was first, or an empty directory is there
+      try:
+        os.rmdir(out_dir)  # only when empty
+        os.rename(tmp, out_dir)
+      except OSError:
+        pass  # another process's directory: checked below
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  existing = _existing_manifest(out_dir, inputs)
+  if existing is None:
+    raise DataError(f"could not write the held-out set to {out_dir!r}; check it is a "
+                    "writable directory.")
+  return existing["documents"]["validation"]
+
+
+def _existing_manifest(out_dir: str, inputs: dict[str, Any]) -> dict[str, Any] | None:
+  """The manifest in out_dir when written from `inputs`; DataError when the
+  directory holds other data."""
+  path = os.path.join(out_dir, MANIFEST)
+  if not os.path.isfile(path):
+    return None
+  manifest = prepare.load_manifest(out_dir)
+  if manifest.get("inputs") != inputs:
+    raise DataError(f"{out_dir!r} holds data of other inputs than this streaming run; use "
+                    f"another {flag('data.prepared_dir')} or --workdir, or delete it.")
+  return manifest
+
+
+def report_lines(cfg: ml_collections.ConfigDict, data_dir: str) -> list[str]:
+  """What a streaming run says about its data: sources, held-out set, mixture."""
+  manifest = prepare.load_manifest(data_dir)
+  specs, held = config_lib.data_sources(cfg), manifest["documents"]["validation"]
+  lines = [f"streaming {len(specs)} source(s), tokenized on the fly; held out: "
+           + (f"the first {held} documents ({manifest['tokens']['validation']} tokens) of "
+              f"{manifest['inputs']['first_file']}" if held else
+              f"nothing ({flag('data.val_fraction')}=0), so there is no evaluation")]
+  weights = config_lib.data_weights(cfg)
+  if weights and len(weights) > 1:
+    lines.append("data mixture (share of tokens): " + "; ".join(
+        f"{spec} -> {w:.3f} (~{m:.0f} tokens/document)"
+        for spec, w, m in zip(specs, weights, manifest["document_tokens"])))
+  return lines
+
+
+def make_train_iterator(cfg: ml_collections.ConfigDict, data_dir: str, seed: int
+                        ) -> grain.DatasetIterator:
+  """The streaming training iterator of a run (train.py's hook); its held-out
+  directory `data_dir` must exist (`ensure_heldout_dir`). data.weights are
+  shares of tokens, as on the prepared path."""
+  d, t = cfg.data, cfg.train
+  manifest = prepare.load_manifest(data_dir)
+  weights = config_lib.data_weights(cfg)
+  proportions = (document_proportions(weights, manifest["document_tokens"])
+                 if weights and len(weights) > 1 else None)
+  return iter(make_train_dataset(
+      run_sources(cfg), require_tokenizer(d), t.seq_len, t.global_batch, seed,
+      proportions=proportions, text_field=d.text_field,
+      heldout=manifest["documents"]["validation"],
+      worker_count=d.worker_count, shuffle_window=d.shuffle_window))

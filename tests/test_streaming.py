@@ -1,0 +1,190 @@
+"""Streaming input (data.streaming=true): per-process files, on-the-fly
+tokenization, a weighted mixture, exact resume, and a killed run that resumes
+bitwise."""
+
+import glob
+import json
+import os
+import textwrap
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from nitp_jax import checkpoint as ckpt_lib
+from nitp_jax import config as config_lib
+from nitp_jax import train
+from nitp_jax.data import prepare
+from nitp_jax.data import streaming
+from nitp_jax.data import tokenizer as tok_lib
+from nitp_jax.errors import ConfigError, DataError
+from nitp_jax.export import hf
+from tests.conftest import CORPUS_GLOB, train_config
+from tests.test_robust import Run, train_records
+
+SEQ, BATCH = 32, 4
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """Two sources: one .jsonl.zst and one .parquet file of distinct documents,
+  the Parquet ones short."""
+  root = tmp_path_factory.mktemp("stream_corpus")
+  texts = [open(p, encoding="utf-8").read() for p in sorted(glob.glob(CORPUS_GLOB))]
+  lines = [t for text in texts for t in text.split("\n\n") if t.strip()]
+  a, b = lines[:150], lines[150:300]
+  jsonl = root / "a.jsonl.zst"
+  jsonl.write_bytes(zstandard.ZstdCompressor().compress(
+      "".join(json.dumps({"text": f"A{i} {t}"}) + "\n" for i, t in enumerate(a)).encode()))
+  parquet = root / "b.parquet"
+  pq.write_table(pa.table({"text": [f"B{i} {t[:40]}" for i, t in enumerate(b)]}), parquet,
+                 row_group_size=32)
+  return str(jsonl), str(parquet)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(prepared_dir):
+  return os.path.join(prepared_dir, "tokenizer.model")
+
+
+def dataset(corpus, tokenizer_path, index=0, count=1, seed=0, **kw):
+  return streaming.make_train_dataset(
+      [[corpus[0]], [corpus[1]]], tokenizer_path, SEQ, BATCH * count, seed,
+      proportions=[0.7, 0.3], heldout=5, process_index=index, process_count=count,
+      shuffle_window=16, **kw)
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def test_batches_format_determinism_and_resume(corpus, tokenizer_path):
+  it = iter(dataset(corpus, tokenizer_path))
+  first = take(it, 3)
+  for b in first:
+    assert set(b) == {"tokens", "segment_ids", "positions"}
+    assert all(v.dtype == np.int32 and v.shape == (BATCH, SEQ) for v in b.values())
+    assert not b["tokens"][b["segment_ids"] == 0].any()  # padding is 0
+  assert np.mean([(b["segment_ids"] > 0).mean() for b in first]) > 0.5
+  state = it.get_state()
+  json.dumps(state)  # JSON-able, as the checkpoint stores it
+  after = take(it, 4)
+
+  again = iter(dataset(corpus, tokenizer_path))
+  assert all(np.array_equal(x[k], y[k]) for x, y in zip(first, take(again, 3)) for k in x)
+  resumed = iter(dataset(corpus, tokenizer_path))
+  resumed.set_state(json.loads(json.dumps(state)))
+  for x, y in zip(after, take(resumed, 4)):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  other_seed = next(iter(dataset(corpus, tokenizer_path, seed=1)))
+  assert not np.array_equal(other_seed["tokens"], first[0]["tokens"])
+
+
+def test_weights_are_shares_of_tokens(corpus, tokenizer_path):
+  tokenizer = tok_lib.load_tokenizer(tokenizer_path)
+  means = [streaming.mean_document_tokens(f, tokenizer, "text") for f in corpus]
+  assert means[0] > 2 * means[1]  # so shares of documents would be far off
+  docs = iter(streaming.mixed_documents(
+      [[corpus[0]], [corpus[1]]], tokenizer_path, 0, 0, 1,
+      proportions=streaming.document_proportions([0.7, 0.3], means)))
+  tokens = {"A": 0, "B": 0}
+  for _ in range(1000):
+    ids = next(docs)
+    tokens[tokenizer.decode(ids[:2])[0]] += ids.size
+  assert abs(tokens["A"] / (tokens["A"] + tokens["B"]) - 0.7) < 0.05, tokens
+
+
+def test_processes_read_disjoint_documents(corpus):
+  seen = []
+  for index in range(2):
+    docs = []
+    for files in ([corpus[0]], [corpus[1]]):
+      for unit in streaming.local_units(files, index, 2, heldout=5 if files == [corpus[0]]
+                                        else 0):
+        docs += [d for _, d in streaming.read_documents(unit, "text")]
+    seen.append(docs)
+  assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
+  names = {d.split(" ", 1)[0] for d in seen[0] + seen[1]}
+  assert names == {f"A{i}" for i in range(5, 150)} | {f"B{i}" for i in range(150)}
+  # The Parquet file (row groups of 32) is split by row group: process 0 reads
+  # groups 0, 2, 4; the .jsonl.zst file by line: process 0 keeps lines 0, 2, ...
+  assert {d.split(" ", 1)[0] for d in seen[0]} == (
+      {f"A{i}" for i in range(6, 150, 2)} |
+      {f"B{i}" for i in [*range(0, 32), *range(64, 96), *range(128, 150)]})
+
+
+def test_streaming_needs_a_tokenizer(tmp_path, corpus):
+  cfg = train_config("", steps=2)
+  cfg.data.input, cfg.data.streaming = corpus[0], True
+  with pytest.raises(ConfigError, match="data.tokenizer"):
+    streaming.ensure_heldout_dir(cfg, str(tmp_path / "data"))
+  cfg.data.input, cfg.data.tokenizer = "", "tokenizer.model"
+  with pytest.raises(ConfigError, match="embedded corpus"):
+    streaming.ensure_heldout_dir(cfg, str(tmp_path / "data"))
+
+
+def test_heldout_dir_reads_like_prepared_data(tmp_path, corpus, tokenizer_path):
+  cfg = train_config("", steps=2)
+  cfg.data.input, cfg.data.weights = ",".join(corpus), "0.7,0.3"
+  cfg.data.streaming, cfg.data.tokenizer = True, tokenizer_path
+  out = str(tmp_path / "data")
+  held = streaming.ensure_heldout_dir(cfg, out)
+  assert held == streaming.ensure_heldout_dir(cfg, out) > 0  # reused
+  from nitp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  docs = pipeline.heldout_documents(out)
+  assert len(docs) == held and prepare.load_manifest(out)["streaming"]
+  assert len(pipeline.make_eval_batches(out, 64, 8, 2)) >= 1
+  one = tmp_path / "one.jsonl"
+  one.write_text(json.dumps({"text": "a single document"}) + "\n")
+  cfg.data.input, cfg.data.weights = str(one), ""
+  with pytest.raises(DataError, match="nothing can be held out"):
+    streaming.ensure_heldout_dir(cfg, str(tmp_path / "data1"))
+
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def streaming_config(corpus, tokenizer_path, tmp_path_factory):
+  path = tmp_path_factory.mktemp("cfg") / "stream.py"
+  path.write_text(textwrap.dedent(f"""
+      from tests.conftest import train_config
+      def get_config():
+        c = train_config("", steps={STEPS}, checkpoint_every=2, eval_every=1000,
+                         keep_checkpoints=10, log_every=1, eval_batches=1,
+                         geometry_every=0)
+        c.data.input, c.data.weights = {",".join(corpus)!r}, "0.7,0.3"
+        c.data.streaming, c.data.tokenizer = True, {tokenizer_path!r}
+        return c
+  """))
+  return str(path)
+
+
+def test_killed_streaming_run_resumes_bitwise(streaming_config, tmp_path):
+  whole = str(tmp_path / "whole")  # uninterrupted, in this process
+  train.run(config_lib.load_config_file(streaming_config), whole)
+  parts = str(tmp_path / "parts" / "run")
+  run = Run(streaming_config, parts)
+  run.wait_for(lambda: os.path.isdir(os.path.join(parts, "checkpoints", "2")), "checkpoint 2")
+  run.proc.kill()
+  run.finish()
+  assert run.logged_step() < STEPS
+  rc, out = Run(streaming_config, parts).finish()
+  assert rc == 0 and f"done: step {STEPS}" in out and "resuming from step" in out, out
+  assert "held out: the first" in out and "data mixture (share of tokens)" in out, out
+  a, b = train_records(whole), train_records(parts)
+  assert [r["step"] for r in b] == list(range(1, STEPS + 1))
+  for key in ("loss", "ntp", "nitp", "grad_norm"):
+    assert [r[key] for r in a] == [r[key] for r in b], key
+
+  # The run evaluated on its held-out documents (as `evaluate` reads them:
+  # pipeline.make_eval_batches of the run's data dir); export.hf ships its tokenizer.
+  with open(os.path.join(whole, "metrics.jsonl")) as f:
+    evals = [r for r in map(json.loads, f) if r["kind"] == "eval"]
+  assert [r["step"] for r in evals] == [STEPS] and np.isfinite(evals[0]["ntp"])
+  _, cfg, params = ckpt_lib.restore_params(whole)
+  out = hf.export_from_params(params, cfg, str(tmp_path / "hf"), whole)
+  assert os.path.isfile(os.path.join(out, "tokenizer.json"))
