@@ -188,3 +188,17 @@ def test_killed_streaming_run_resumes_bitwise(streaming_config, tmp_path):
   _, cfg, params = ckpt_lib.restore_params(whole)
   out = hf.export_from_params(params, cfg, str(tmp_path / "hf"), whole)
   assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+
+
+def test_malformed_records_follow_data_max_bad_fraction(tmp_path):
+  """The prepared path's policy while streaming: bad lines are skipped and
+  counted, and a file with more of them than data.max_bad_fraction stops
+  the run, naming the file and the first bad line."""
+  path = tmp_path / "bad.jsonl"
+  lines = [json.dumps({"text": f"document {i}"}) if i % 4 else "{not json" for i in range(40)]
+  path.write_text("\n".join(lines) + "\n")
+  unit = streaming.Unit(str(path))
+  ok = [doc for _, doc in streaming.read_documents(unit, "text", max_bad_fraction=0.3)]
+  assert ok == [f"document {i}" for i in range(40) if i % 4]
+  with pytest.raises(DataError, match=r"10 of 40 records are malformed.*bad\.jsonl:1"):
+    list(streaming.read_documents(unit, "text", max_bad_fraction=0.01))

@@ -53,7 +53,9 @@ from nitp_jax import storage
 from nitp_jax.data import corpus as corpus_lib
 from nitp_jax.data import pipeline
 from nitp_jax.data import prepare
+from nitp_jax.data import token_files
 from nitp_jax.data import tokenizer as tok_lib
+from nitp_jax.data.bad_records import BadRecords
 from nitp_jax.errors import ConfigError, DataError
 from nitp_jax.flag_names import flag
 from nitp_jax.layout import MANIFEST, write_json
@@ -105,46 +107,38 @@ def local_units(files: list[str], process_index: int, process_count: int,
   return units[process_index::process_count]
 
 
-def read_documents(unit: Unit, text_field: str, start: int = 0
-                   ) -> Iterator[tuple[int, Document]]:
+def read_documents(unit: Unit, text_field: str, start: int = 0,
+                   max_bad_fraction: float = 1.0) -> Iterator[tuple[int, Document]]:
   """(index in the file, document) of the unit's non-blank documents with
-  index >= `start`; malformed records and an unreadable file are skipped
+  index >= `start`. Malformed records are skipped, logged and counted
+  (bad_records), and a unit read to its end with more than
+  `max_bad_fraction` of them is a DataError; an unreadable file is skipped
   with a warning."""
-  skipped: list[tuple[str, str]] = []
+  bad = BadRecords(max_bad_fraction)
   path = _path(unit.path)
   try:
     if unit.parts > 1 and _row_groups(path) >= unit.parts:
-      docs, mine = _parquet_part(path, unit, text_field, skipped), lambda i: True
+      docs, mine = _parquet_part(path, unit, text_field, bad), lambda i: True
     else:
-      docs = enumerate(_file_documents(path, text_field, skipped))
+      docs = enumerate(_file_documents(path, text_field, bad))
       mine = lambda i: i % unit.parts == unit.part
     for i, doc in docs:
       if i >= max(start, unit.skip) and mine(i) and _non_blank(doc):
         yield i, doc
   except corpus_lib._BadFile as e:  # pylint: disable=protected-access
     logging.warning("streaming: skipping %s: %s", unit.path, e.args[0])
-  if skipped:
-    logging.warning("streaming: %s: %d malformed record(s) skipped, first: %s", unit.path,
-                    len(skipped), skipped[0])
-
-
-def _file_documents(path: pathlib.Path, text_field: str, skipped: list[tuple[str, str]]
-                    ) -> Iterator[Document]:
-  """`corpus`'s format reader for one file, malformed records appended to
-  `skipped`. (corpus._read_file takes a BadRecords where the bad-data policy
-  of nitp_jax.data.bad_records exists.)"""
-  bad_records = getattr(corpus_lib, "BadRecords", None)
-  if bad_records is None:
-    yield from corpus_lib._read_file(path, text_field, False, skipped)  # pylint: disable=protected-access
     return
-  bad = bad_records()
-  try:
-    for doc in corpus_lib._read_file(path, text_field, bad):  # pylint: disable=protected-access
-      bad.record_ok()
-      yield doc
-  finally:
-    if bad.count:
-      logging.warning("streaming: %s: %s", path, bad.summary())
+  if bad.count:
+    logging.warning("streaming: %s: %s", unit.path, bad.summary())
+    bad.check()
+
+
+def _file_documents(path: pathlib.Path, text_field: str, bad: BadRecords
+                    ) -> Iterator[Document]:
+  """`corpus`'s format reader for one file, malformed records into `bad`."""
+  for doc in corpus_lib._read_file(path, text_field, bad):  # pylint: disable=protected-access
+    bad.record_ok()
+    yield doc
 
 
 def _non_blank(doc: Document) -> bool:
@@ -181,12 +175,12 @@ def _row_groups(path: pathlib.Path) -> int:
     return 0  # the format reader names the problem
 
 
-def _parquet_part(path: pathlib.Path, unit: Unit, text_field: str,
-                  skipped: list[tuple[str, str]]) -> Iterator[tuple[int, str]]:
+def _parquet_part(path: pathlib.Path, unit: Unit, text_field: str, bad: BadRecords
+                  ) -> Iterator[tuple[int, Document]]:
   """(row index, text) of row groups unit.part, unit.part + unit.parts, ...:
   a process reads only its row groups."""
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-  table = pq.ParquetFile(path)
+  table = pq.ParquetFile(corpus_lib._local_or_bytes(path))  # pylint: disable=protected-access
   if text_field not in table.schema_arrow.names:
     raise corpus_lib._BadFile(  # pylint: disable=protected-access
         f"has no column {text_field!r}; set {flag('data.text_field')} to the column "
@@ -196,26 +190,32 @@ def _parquet_part(path: pathlib.Path, unit: Unit, text_field: str,
     rows = table.metadata.row_group(group).num_rows
     if group % unit.parts == unit.part:
       values = table.read_row_group(group, columns=[text_field]).column(0).to_pylist()
+      tokens = token_files.is_token_column(table.schema_arrow.field(text_field).type)
       for row, value in enumerate(values, first):
-        if isinstance(value, str):
+        if isinstance(value, str) and not tokens:
+          bad.record_ok()
           yield row, value
+        elif tokens and value is not None:
+          bad.record_ok()
+          yield row, np.asarray(value, dtype=np.int64)
         else:
-          skipped.append((f"{path}:row {row + 1}", f"no text in column {text_field!r}"))
+          bad.skip(f"{path}:row {row + 1}", f"no {'token ids' if tokens else 'text'} in "
+                   f"column {text_field!r}")
     first += rows
 
 
 class _UnitIterator(grain.DatasetIterator):
   """Documents of one unit; state = the file index of the next document."""
 
-  def __init__(self, unit: Unit, text_field: str):
+  def __init__(self, unit: Unit, text_field: str, max_bad_fraction: float):
     super().__init__()
-    self._unit, self._text_field = unit, text_field
+    self._unit, self._text_field, self._max_bad = unit, text_field, max_bad_fraction
     self._next = 0
     self._docs = None
 
   def __next__(self) -> Document:
     if self._docs is None:
-      self._docs = read_documents(self._unit, self._text_field, self._next)
+      self._docs = read_documents(self._unit, self._text_field, self._next, self._max_bad)
     index, doc = next(self._docs)
     self._next = index + 1
     return doc
@@ -230,12 +230,12 @@ class _UnitIterator(grain.DatasetIterator):
 class _UnitDocuments(grain.IterDataset):
   """An IterDataset of one unit's documents (str)."""
 
-  def __init__(self, unit: Unit, text_field: str):
+  def __init__(self, unit: Unit, text_field: str, max_bad_fraction: float):
     super().__init__()
-    self._unit, self._text_field = unit, text_field
+    self._unit, self._text_field, self._max_bad = unit, text_field, max_bad_fraction
 
   def __iter__(self) -> _UnitIterator:
-    return _UnitIterator(self._unit, self._text_field)
+    return _UnitIterator(self._unit, self._text_field, self._max_bad)
 
 
 class _Tokenize(grain.transforms.Map):
@@ -254,11 +254,13 @@ class _Tokenize(grain.transforms.Map):
     return token_ids(self._tokenizer, element)
 
 
-def _source_documents(units: list[Unit], text_field: str, seed: int) -> grain.IterDataset:
+def _source_documents(units: list[Unit], text_field: str, max_bad_fraction: float,
+                      seed: int) -> grain.IterDataset:
   """Documents of `units`, reshuffled per epoch and repeated forever,
   CYCLE_LENGTH files interleaved."""
   datasets = (grain.MapDataset.source(units).shuffle(seed=seed).repeat()
-              .map(functools.partial(_UnitDocuments, text_field=text_field)))
+              .map(functools.partial(_UnitDocuments, text_field=text_field,
+                                     max_bad_fraction=max_bad_fraction)))
   return grain_exp.InterleaveIterDataset(datasets,
                                          cycle_length=min(CYCLE_LENGTH, len(units)))
 
@@ -270,7 +272,7 @@ def _seed(seed: int, *path: int) -> int:
 def mixed_documents(sources: list[list[str]], tokenizer_path: str, seed: int,
                     process_index: int, process_count: int, *,
                     proportions: list[float] | None = None, text_field: str = "text",
-                    heldout: int = 0) -> grain.IterDataset:
+                    max_bad_fraction: float = 1.0, heldout: int = 0) -> grain.IterDataset:
   """This process's token-id documents (int32, EOS last), infinite: each
   source's documents drawn in `proportions` (grain's deterministic mix); None
   = the sources' files form one stream. The leading `heldout` documents of
@@ -279,7 +281,8 @@ def mixed_documents(sources: list[list[str]], tokenizer_path: str, seed: int,
   streams = []
   for s, files in enumerate(groups):
     units = local_units(files, process_index, process_count, heldout if s == 0 else 0)
-    docs = _source_documents(units, text_field, _seed(seed, process_index, 2, s))
+    docs = _source_documents(units, text_field, max_bad_fraction,
+                             _seed(seed, process_index, 2, s))
     streams.append(docs.map(_Tokenize(tokenizer_path)))
   return streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, proportions)
 
@@ -293,7 +296,8 @@ def document_proportions(weights: list[float], document_tokens: list[float]) -> 
 def make_train_dataset(sources: list[list[str]], tokenizer_path: str, seq_len: int,
                        global_batch: int, seed: int, *,
                        proportions: list[float] | None = None, text_field: str = "text",
-                       heldout: int = 0, process_index: int | None = None,
+                       max_bad_fraction: float = 1.0, heldout: int = 0,
+                       process_index: int | None = None,
                        process_count: int | None = None, worker_count: int = 0,
                        shuffle_window: int = 0) -> grain.IterDataset:
   """The streaming training IterDataset of this process: batches [global/P, T].
@@ -303,6 +307,8 @@ def make_train_dataset(sources: list[list[str]], tokenizer_path: str, seq_len: i
     tokenizer_path: SentencePiece .model or tokenizer.json.
     proportions: documents drawn per source (`document_proportions`); None =
       the sources' files form one stream.
+    max_bad_fraction: a file read to its end with more malformed records
+      than this is a DataError.
     heldout: leading documents of sources[0][0] held out (not trained on).
     Others as `pipeline.make_train_dataset`.
   """
@@ -314,7 +320,8 @@ def make_train_dataset(sources: list[list[str]], tokenizer_path: str, seq_len: i
                     f"{process_count} processes: set {flag('train.global_batch')} "
                     "to a multiple of the process count.")
   docs = mixed_documents(sources, tokenizer_path, seed, process_index, process_count,
-                         proportions=proportions, text_field=text_field, heldout=heldout)
+                         proportions=proportions, text_field=text_field,
+                         max_bad_fraction=max_bad_fraction, heldout=heldout)
   batched = pipeline._pack_and_batch(  # pylint: disable=protected-access
       docs, seq_len, global_batch // process_count, shuffle_window,
       _seed(seed, process_index, 3))
@@ -465,6 +472,6 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, data_dir: str, seed: int
                  if weights and len(weights) > 1 else None)
   return iter(make_train_dataset(
       run_sources(cfg), require_tokenizer(d), t.seq_len, t.global_batch, seed,
-      proportions=proportions, text_field=d.text_field,
+      proportions=proportions, text_field=d.text_field, max_bad_fraction=d.max_bad_fraction,
       heldout=manifest["documents"]["validation"],
       worker_count=d.worker_count, shuffle_window=d.shuffle_window))
