@@ -52,11 +52,18 @@ def default_block(copies: int, num_experts: int, expert_params: int) -> int:
   return int(min(128, max(16, 1 << (max(1, target).bit_length() - 1))))
 
 
-def layout(experts_NxK: jax.Array, num_experts: int, block: int) -> Layout:
+def default_group(block: int) -> int:
+  """Blocks per loop step: 128 rows a step, so small blocks (little padding)
+  do not pay a loop step's fixed cost each."""
+  return max(1, 128 // block)
+
+
+def layout(experts_NxK: jax.Array, num_experts: int, block: int, group: int = 1) -> Layout:
   """Sort copies by expert (stable: token order within a group) and pad each
-  group to whole blocks; copies of experts >= num_experts get row R (none)."""
+  group to whole blocks, the blocks to whole steps of `group`; copies of
+  experts >= num_experts get row R (none)."""
   m = experts_NxK.size
-  nb = num_blocks(m, num_experts, block)
+  nb = -(-num_blocks(m, num_experts, block) // group) * group
   flat_M = experts_NxK.reshape(-1).astype(jnp.int32)
   order_M = jnp.argsort(flat_M, stable=True).astype(jnp.int32)
   sizes_E = jnp.bincount(flat_M, length=num_experts).astype(jnp.int32)
@@ -90,68 +97,87 @@ def _varying(zeros: tuple, *inputs: jax.Array) -> tuple:
   return tuple(map(cast, zeros))
 
 
-def _block_ffn(x_bxD, gate_DxF, up_DxF, down_FxD):
-  g_bxF = x_bxD @ gate_DxF
-  u_bxF = x_bxD @ up_DxF
-  return (jax.nn.silu(g_bxF) * u_bxF) @ down_FxD, g_bxF, u_bxF
+def _block_ffn(x_GxbxD, gate_GxDxF, up_GxDxF, down_GxFxD):
+  g_GxbxF = jnp.einsum("gbd,gdf->gbf", x_GxbxD, gate_GxDxF)
+  u_GxbxF = jnp.einsum("gbd,gdf->gbf", x_GxbxD, up_GxDxF)
+  y_GxbxD = jnp.einsum("gbf,gfd->gbd", jax.nn.silu(g_GxbxF) * u_GxbxF, down_GxFxD)
+  return y_GxbxD, g_GxbxF, u_GxbxF
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def grouped_ffn(block: int, xs_RxD, expert_B, used_blocks, gate_ExDxF, up_ExDxF, down_ExFxD):
-  """SwiGLU of each block of `block` rows with its own expert's weights;
-  blocks from `used_blocks` on are left zero."""
-  return _grouped_fwd(block, xs_RxD, expert_B, used_blocks, gate_ExDxF, up_ExDxF,
+def _steps(used_blocks, group: int):
+  return (used_blocks + group - 1) // group
+
+
+def _rows(a_RxA, at, group: int, block: int):
+  """Rows [at, at + group*block) of a_RxA as [group, block, A]."""
+  return jax.lax.dynamic_slice_in_dim(a_RxA, at, group * block).reshape(
+      group, block, a_RxA.shape[-1])
+
+
+def _put(a_RxA, v_GxbxA, at):
+  return jax.lax.dynamic_update_slice_in_dim(a_RxA, v_GxbxA.reshape(-1, a_RxA.shape[-1]),
+                                             at, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def grouped_ffn(block: int, group: int, xs_RxD, expert_B, used_blocks, gate_ExDxF, up_ExDxF,
+                down_ExFxD):
+  """SwiGLU of each block of `block` rows with its own expert's weights,
+  `group` blocks per loop step; blocks from the step holding `used_blocks`
+  on are left zero."""
+  return _grouped_fwd(block, group, xs_RxD, expert_B, used_blocks, gate_ExDxF, up_ExDxF,
                       down_ExFxD)[0]
 
 
-def _grouped_fwd(block, xs_RxD, expert_B, used_blocks, gate_ExDxF, up_ExDxF, down_ExFxD):
+def _grouped_fwd(block, group, xs_RxD, expert_B, used_blocks, gate_ExDxF, up_ExDxF,
+                 down_ExFxD):
   r, d = xs_RxD.shape
   f = gate_ExDxF.shape[-1]
 
   def body(j, carry):
     ys_RxD, g_RxF, u_RxF = carry
-    e, at = expert_B[j], j * block
-    x_bxD = jax.lax.dynamic_slice_in_dim(xs_RxD, at, block)
-    y_bxD, g_bxF, u_bxF = _block_ffn(x_bxD, gate_ExDxF[e], up_ExDxF[e], down_ExFxD[e])
-    return (jax.lax.dynamic_update_slice_in_dim(ys_RxD, y_bxD, at, 0),
-            jax.lax.dynamic_update_slice_in_dim(g_RxF, g_bxF, at, 0),
-            jax.lax.dynamic_update_slice_in_dim(u_RxF, u_bxF, at, 0))
+    e_G, at = jax.lax.dynamic_slice_in_dim(expert_B, j * group, group), j * group * block
+    y, g, u = _block_ffn(_rows(xs_RxD, at, group, block), gate_ExDxF[e_G], up_ExDxF[e_G],
+                         down_ExFxD[e_G])
+    return _put(ys_RxD, y, at), _put(g_RxF, g, at), _put(u_RxF, u, at)
 
   zeros = _varying((jnp.zeros((r, d), xs_RxD.dtype), jnp.zeros((r, f), xs_RxD.dtype),
                     jnp.zeros((r, f), xs_RxD.dtype)), xs_RxD, expert_B, gate_ExDxF, up_ExDxF,
                    down_ExFxD)
-  ys_RxD, g_RxF, u_RxF = jax.lax.fori_loop(0, used_blocks, body, zeros)
+  ys_RxD, g_RxF, u_RxF = jax.lax.fori_loop(0, _steps(used_blocks, group), body, zeros)
   return ys_RxD, (xs_RxD, g_RxF, u_RxF, expert_B, used_blocks, gate_ExDxF, up_ExDxF,
                   down_ExFxD)
 
 
-def _grouped_bwd(block, res, dys_RxD):
+def _grouped_bwd(block, group, res, dys_RxD):
   xs_RxD, g_RxF, u_RxF, expert_B, used_blocks, gate_ExDxF, up_ExDxF, down_ExFxD = res
   acc = jnp.promote_types(gate_ExDxF.dtype, jnp.float32)
 
-  def add_at(w_ExAxB, e, dw_AxB):
-    return jax.lax.dynamic_update_index_in_dim(w_ExAxB, w_ExAxB[e] + dw_AxB, e, 0)
+  def add_at(w_ExAxB, e_G, dw_GxAxB):
+    for i in range(group):  # a block's expert may repeat within a step: add one by one
+      w_ExAxB = jax.lax.dynamic_update_index_in_dim(w_ExAxB, w_ExAxB[e_G[i]] + dw_GxAxB[i],
+                                                    e_G[i], 0)
+    return w_ExAxB
 
   def body(j, carry):
     dxs_RxD, dgate, dup, ddown = carry
-    e, at = expert_B[j], j * block
-    x_bxD, dy_bxD, g_bxF, u_bxF = (jax.lax.dynamic_slice_in_dim(a, at, block)
-                                   for a in (xs_RxD, dys_RxD, g_RxF, u_RxF))
-    sig_bxF = jax.nn.sigmoid(g_bxF)
-    silu_bxF = g_bxF * sig_bxF
-    dh_bxF = dy_bxD @ down_ExFxD[e].T
-    du_bxF = dh_bxF * silu_bxF
-    dg_bxF = dh_bxF * u_bxF * sig_bxF * (1 + g_bxF * (1 - sig_bxF))
-    dx_bxD = dg_bxF @ gate_ExDxF[e].T + du_bxF @ up_ExDxF[e].T
-    mm = functools.partial(jnp.einsum, "bi,bj->ij", preferred_element_type=acc)
-    return (jax.lax.dynamic_update_slice_in_dim(dxs_RxD, dx_bxD, at, 0),
-            add_at(dgate, e, mm(x_bxD, dg_bxF)), add_at(dup, e, mm(x_bxD, du_bxF)),
-            add_at(ddown, e, mm(silu_bxF * u_bxF, dy_bxD)))
+    e_G, at = jax.lax.dynamic_slice_in_dim(expert_B, j * group, group), j * group * block
+    x, dy, g, u = (_rows(a, at, group, block) for a in (xs_RxD, dys_RxD, g_RxF, u_RxF))
+    sig = jax.nn.sigmoid(g)
+    silu = g * sig
+    dh = jnp.einsum("gbd,gfd->gbf", dy, down_ExFxD[e_G])
+    du = dh * silu
+    dg = dh * u * sig * (1 + g * (1 - sig))
+    dx = (jnp.einsum("gbf,gdf->gbd", dg, gate_ExDxF[e_G])
+          + jnp.einsum("gbf,gdf->gbd", du, up_ExDxF[e_G]))
+    mm = functools.partial(jnp.einsum, "gbi,gbj->gij", preferred_element_type=acc)
+    return (_put(dxs_RxD, dx, at), add_at(dgate, e_G, mm(x, dg)), add_at(dup, e_G, mm(x, du)),
+            add_at(ddown, e_G, mm(silu * u, dy)))
 
   init = _varying((jnp.zeros(xs_RxD.shape, xs_RxD.dtype), jnp.zeros(gate_ExDxF.shape, acc),
                    jnp.zeros(up_ExDxF.shape, acc), jnp.zeros(down_ExFxD.shape, acc)),
                   xs_RxD, dys_RxD, g_RxF, u_RxF, expert_B, gate_ExDxF, up_ExDxF, down_ExFxD)
-  dxs_RxD, dgate, dup, ddown = jax.lax.fori_loop(0, used_blocks, body, init)
+  dxs_RxD, dgate, dup, ddown = jax.lax.fori_loop(0, _steps(used_blocks, group), body, init)
   return (dxs_RxD, None, None, dgate.astype(gate_ExDxF.dtype), dup.astype(up_ExDxF.dtype),
           ddown.astype(down_ExFxD.dtype))
 
@@ -161,24 +187,26 @@ grouped_ffn.defvjp(_grouped_fwd, _grouped_bwd)
 
 def dropless(x_NxD: jax.Array, experts_NxK: jax.Array, weights_NxK: jax.Array,
              gate_ExDxF: jax.Array, up_ExDxF: jax.Array, down_ExFxD: jax.Array, *,
-             block: int | None = None) -> jax.Array:
+             block: int | None = None, group: int | None = None) -> jax.Array:
   """sum_k weights[n, k] * SwiGLU_{experts[n, k]}(x[n]), no token dropped.
 
   Differentiable in x, the routing weights and the expert weights; `block`
-  rows per block (None: `default_block`). Copies with experts[n, k] >= E
+  rows per block (None: `default_block`), `group` blocks per loop step
+  (None: `default_group`). Copies with experts[n, k] >= E
   (experts held elsewhere) add nothing.
   """
   n, d = x_NxD.shape
   k = experts_NxK.shape[-1]
   e = gate_ExDxF.shape[0]
   block = block or default_block(n * k, e, d * gate_ExDxF.shape[-1])
-  lay = layout(experts_NxK, e, block)
+  group = group or default_group(block)
+  lay = layout(experts_NxK, e, block, group)
   xs_RxD = x_NxD.at[lay.copy_R // k].get(mode="fill", fill_value=0)
   ffn_in = (xs_RxD, gate_ExDxF, up_ExDxF, down_ExFxD)
   xs_RxD, gate_ExDxF, up_ExDxF, down_ExFxD = _varying(ffn_in, *ffn_in, lay.expert_B,
                                                       lay.used_blocks)
-  ys_RxD = grouped_ffn(block, xs_RxD, lay.expert_B, lay.used_blocks, gate_ExDxF, up_ExDxF,
-                       down_ExFxD)
+  ys_RxD = grouped_ffn(block, group, xs_RxD, lay.expert_B, lay.used_blocks, gate_ExDxF,
+                       up_ExDxF, down_ExFxD)
   y_NxKxD = ys_RxD.at[lay.row_M].get(mode="fill", fill_value=0).reshape(n, k, d)
   return jnp.einsum("nkd,nk->nd", y_NxKxD, weights_NxK.astype(y_NxKxD.dtype))
 

@@ -29,8 +29,9 @@ def _ref(r, x_NxD, weights_NxK, *w):
   return _loss(y_NxD), y_NxD
 
 
-def _mine(block, experts_NxK, x_NxD, weights_NxK, *w):
-  y_NxD = grouped.dropless(x_NxD, experts_NxK, weights_NxK, *w, block=block)
+def _mine(block_group, experts_NxK, x_NxD, weights_NxK, *w):
+  block, group = block_group
+  y_NxD = grouped.dropless(x_NxD, experts_NxK, weights_NxK, *w, block=block, group=group)
   return _loss(y_NxD), y_NxD
 
 
@@ -38,13 +39,16 @@ def _mine(block, experts_NxK, x_NxD, weights_NxK, *w):
 _REF = jax.jit(jax.value_and_grad(_ref, range(1, 6), has_aux=True))
 _MINE = jax.jit(jax.value_and_grad(_mine, range(2, 7), has_aux=True), static_argnums=0)
 _E = 6
-# (tokens, top_k, block, expert-logit bias); d=8, f=4, 6 experts
+# (tokens, top_k, (block, blocks per loop step), expert-logit bias); d=8, f=4,
+# 6 experts. Steps of 3 blocks hold blocks of several experts (and of one
+# expert twice); None = the defaults.
 CASES = {
-    "uneven": (37, 2, 4, None),
-    "empty_experts": (37, 2, 4, jnp.array([0, 9, 9, 0, 9, 0.0])),
-    "top1": (37, 1, 4, None),
-    "all_to_one_expert": (37, 1, 4, jnp.array([0, 0, 50.0, 0, 0, 0])),
-    "default_block_over_groups": (13, 3, None, None),
+    "uneven": (37, 2, (4, 3), None),
+    "empty_experts": (37, 2, (4, 3), jnp.array([0, 9, 9, 0, 9, 0.0])),
+    "top1": (37, 1, (4, 3), None),
+    "all_to_one_expert": (37, 1, (4, 3), jnp.array([0, 0, 50.0, 0, 0, 0])),
+    "one_block_per_step": (37, 2, (4, 1), None),
+    "default_block_over_groups": (13, 3, (None, None), None),
 }
 
 
