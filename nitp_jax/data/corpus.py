@@ -106,7 +106,7 @@ class Corpus:
       try:
         for doc in _read_file(path, self.text_field, self.bad):
           self.bad.record_ok()
-          if _non_blank(doc):
+          if non_blank(doc):
             count += 1
             yield doc
           else:
@@ -202,7 +202,8 @@ def _size(path) -> int:
   return stat.length if storage.is_remote(str(path)) else stat.st_size
 
 
-def _non_blank(doc: Document) -> bool:
+def non_blank(doc: Document) -> bool:
+  """A document with text (not only whitespace) or with token ids."""
   return bool(doc.strip()) if isinstance(doc, str) else doc.size > 0
 
 

@@ -40,7 +40,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Iterator, Union
+from typing import Any, Iterator
 
 import grain
 import ml_collections
@@ -56,11 +56,11 @@ from nitp_jax.data import prepare
 from nitp_jax.data import token_files
 from nitp_jax.data import tokenizer as tok_lib
 from nitp_jax.data.bad_records import BadRecords
+from nitp_jax.data.corpus import Document
 from nitp_jax.errors import ConfigError, DataError
 from nitp_jax.flag_names import flag
 from nitp_jax.layout import MANIFEST, write_json
 
-Document = Union[str, np.ndarray]  # text, or the ids of a pre-tokenized file
 CYCLE_LENGTH = 4                 # files read at once per source and worker
 SAMPLE_DOCUMENTS = 256           # per source, for its mean document length
 FORMAT = "streaming-heldout-2"
@@ -123,7 +123,7 @@ def read_documents(unit: Unit, text_field: str, start: int = 0,
       docs = enumerate(_file_documents(path, text_field, bad))
       mine = lambda i: i % unit.parts == unit.part
     for i, doc in docs:
-      if i >= max(start, unit.skip) and mine(i) and _non_blank(doc):
+      if i >= max(start, unit.skip) and mine(i) and corpus_lib.non_blank(doc):
         yield i, doc
   except corpus_lib._BadFile as e:  # pylint: disable=protected-access
     logging.warning("streaming: skipping %s: %s", unit.path, e.args[0])
@@ -139,10 +139,6 @@ def _file_documents(path: pathlib.Path, text_field: str, bad: BadRecords
   for doc in corpus_lib._read_file(path, text_field, bad):  # pylint: disable=protected-access
     bad.record_ok()
     yield doc
-
-
-def _non_blank(doc: Document) -> bool:
-  return bool(doc.strip()) if isinstance(doc, str) else doc.size > 0
 
 
 def token_ids(tokenizer: tok_lib.Tokenizer, doc: Document) -> np.ndarray:
