@@ -3,9 +3,14 @@
 The N*K token copies are sorted by expert and laid out in a static buffer of
 R rows, each expert's group padded to a multiple of `block` rows, so every
 block of rows belongs to one expert (R = N*K + E*(block-1), rounded to
-blocks). A loop over the used blocks multiplies each block by its own
-expert's weights (dynamic slices, no [blocks, D, F] copy); the backward is a
-second loop (custom VJP) that accumulates the weight gradients in place.
+blocks, then to whole steps of `group` blocks). A loop over the used steps
+multiplies each block by its own expert's weights (a [group, D, F] gather
+per step, never a [blocks, D, F] copy); the backward is a second loop
+(custom VJP) that accumulates the weight gradients in place. Batching a few
+blocks a step keeps small blocks (little padding) without paying a loop
+step's fixed cost per block: one layer of 64 experts of 256x128, top-8,
+went from 0.47x to 0.46-0.49x a dense SwiGLU's throughput on a busier
+machine, 1.03-1.08x `gather`'s.
 
 Each token's output depends only on its own routing (no capacity, no drops),
 so the layer is causal and document-isolated by construction; an earlier
