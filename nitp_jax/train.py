@@ -48,6 +48,18 @@ def prepare_data(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   return data_dir
 
 
+def data_report(cfg: ml_collections.ConfigDict, data_dir: str) -> list[str]:
+  """What a run trains on, in lines: sources, what is held out, skipped
+  records, the mixture."""
+  if cfg.data.streaming:
+    return streaming.report_lines(cfg, data_dir)
+  lines = prepare.report_lines(data_dir)
+  weights = config_lib.data_weights(cfg)
+  if weights and len(weights) > 1:
+    lines.append(pipeline.describe_mixture(data_dir, weights))
+  return lines
+
+
 class Trainer:
   """Builds everything a run needs from its config and drives the loop."""
 
@@ -70,17 +82,11 @@ class Trainer:
     self.is_main = jax.process_index() == 0
     self.data_dir = prepare_data(cfg, self.workdir)
     self.log = MetricsLog(self.workdir, enabled=self.is_main)
-    if cfg.data.streaming:
-      for line in streaming.report_lines(cfg, self.data_dir):
-        self.log.info(line)
-    elif (weights := config_lib.data_weights(cfg)) and len(weights) > 1:
-      self.log.info(pipeline.describe_mixture(self.data_dir, weights))
+    for line in data_report(cfg, self.data_dir):
+      self.log.info(line)
     self.train_iter = self._train_iterator(config_lib.order_seed(cfg))
     self.eval_batches = pipeline.make_eval_batches(
         self.data_dir, t.seq_len, t.global_batch, t.eval_batches)
-    for line in [] if cfg.data.streaming else prepare.report_lines(self.data_dir):
-      # what is held out, what skipped
-      self.log.info(line)
     self.tasks = evaluate.run_tasks(cfg, self.data_dir) if self.eval_batches else []
     self.checkpointer = ckpt_lib.Checkpointer(self.workdir, t.keep_checkpoints)
     self._params_finite = jax.jit(step_lib.all_finite)
