@@ -348,7 +348,7 @@ def _read_file(path: pathlib.Path, text_field: str, bad: BadRecords) -> Iterator
   if path.name.lower().endswith(token_files.ARRAY_RECORD_SUFFIXES):
     try:
       yield from token_files.read_array_record(_local(path))
-    except token_files.BadRecords as e:
+    except token_files.BadTokenFile as e:
       raise _BadFile(e.args[0]) from None
     return
   data = _read_bytes(path)

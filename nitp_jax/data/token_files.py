@@ -21,7 +21,7 @@ from nitp_jax.flag_names import flag
 ARRAY_RECORD_SUFFIXES = (".array_record",)
 
 
-class BadRecords(Exception):
+class BadTokenFile(Exception):
   """An ArrayRecord file that is not int32 id records (reason in args[0])."""
 
 
@@ -50,20 +50,20 @@ def is_token_file(path: str, text_field: str) -> bool:
 
 
 def read_array_record(path: str) -> Iterator[np.ndarray]:
-  """Each record's ids (int64); BadRecords unless every record is int32s."""
+  """Each record's ids (int64); BadTokenFile unless every record is int32s."""
   from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
   try:
     reader = array_record_module.ArrayRecordReader(path)
   except Exception as e:  # pylint: disable=broad-except  # RuntimeError/ValueError by version
-    raise BadRecords(f"is not a readable ArrayRecord file ({e})") from None
+    raise BadTokenFile(f"is not a readable ArrayRecord file ({e})") from None
   if not reader.ok():  # a missing or damaged file opens "not ok", with no records
     reader.close()
-    raise BadRecords("is not a readable ArrayRecord file")
+    raise BadTokenFile("is not a readable ArrayRecord file")
   try:
     for index in range(reader.num_records()):
       record = reader.read()  # the next record
       if len(record) % 4:
-        raise BadRecords(f"record {index} is {len(record)} bytes, not int32 token ids")
+        raise BadTokenFile(f"record {index} is {len(record)} bytes, not int32 token ids")
       yield np.frombuffer(record, dtype="<i4").astype(np.int64)
   finally:
     reader.close()
