@@ -108,6 +108,7 @@ class Trainer:
       return self._fresh_state()
     step, state, data_restored = restored
     if not data_restored:  # another process count wrote it: see restore_latest
+      self.train_iter.close()
       self.train_iter = self._train_iterator(config_lib.order_seed(self.cfg) + step)
     self.log.info(f"resuming from step {step} in {self.checkpointer.directory}")
     self.log.truncate_after(step)
@@ -213,6 +214,7 @@ class Trainer:
 
   def close(self) -> None:
     try:
+      self.train_iter.close()  # stops grain's worker processes and frees their shared memory
       self.checkpointer.wait()
     finally:
       self.checkpointer.close()

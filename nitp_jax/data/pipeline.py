@@ -212,11 +212,21 @@ def make_train_dataset(prepared_dir: str, seq_len: int, global_batch: int,
       local.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS)),
       seq_len, global_batch // process_count, shuffle_window,
       _window_seed(seed, process_index))
-  if worker_count:
-    _ensure_flags_parsed()
-    batched = batched.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=worker_count))
-  return batched
+  return in_workers(batched, worker_count)
+
+
+def in_workers(batches: grain.IterDataset, worker_count: int) -> grain.IterDataset:
+  """`batches` produced by `worker_count` grain processes (0: unchanged).
+
+  Each batch is copied out of the workers' shared memory as it arrives: a
+  batch that stayed alive to the end of the run (the CPU backend may alias
+  numpy memory) left its shared-memory blocks behind, and Python warned of
+  "leaked shared_memory objects" at exit."""
+  if not worker_count:
+    return batches
+  _ensure_flags_parsed()
+  return batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count)).map(
+      lambda batch: {k: np.array(v) for k, v in batch.items()})
 
 
 def _window_seed(seed: int, process_index: int) -> int:

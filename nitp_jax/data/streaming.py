@@ -321,10 +321,7 @@ def make_train_dataset(sources: list[list[str]], tokenizer_path: str, seq_len: i
   batched = pipeline._pack_and_batch(  # pylint: disable=protected-access
       docs, seq_len, global_batch // process_count, shuffle_window,
       _seed(seed, process_index, 3))
-  if worker_count:
-    pipeline._ensure_flags_parsed()  # pylint: disable=protected-access
-    batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return batched
+  return pipeline.in_workers(batched, worker_count)
 
 
 def mean_document_tokens(first_file: str, tokenizer: tok_lib.Tokenizer, text_field: str
