@@ -101,6 +101,12 @@ def glob(pattern: str) -> list[str]:
   return ["gs://" + p for p in _fs().glob(pattern)]
 
 
+def open_binary(path: str):
+  """A seekable binary file: local, or a gs:// object read in ranged blocks
+  (a Parquet reader fetches only the footer and the row groups it reads)."""
+  return _fs().open(path, "rb") if is_remote(path) else open(path, "rb")
+
+
 def makedirs(path: str) -> None:
   """Create a local directory (and parents); nothing to do on object storage,
   where directories are name prefixes."""

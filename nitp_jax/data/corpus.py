@@ -241,6 +241,9 @@ def _open_remote_source(spec: str, text_field: str) -> Corpus:
     kind = "glob matches"
   elif storage.isfile(spec):
     return Corpus(spec, [storage.epath(spec)], direct=True, text_field=text_field)
+  elif not storage.isdir(spec):
+    raise DataError(f"{flag('data.input')}={spec!r} does not exist: no object or directory "
+                    "of that name in the bucket. Check the path.")
   else:
     files = [p for p in storage.glob(spec.rstrip("/") + "/**")
              if p.lower().endswith(DIRECTORY_SUFFIXES)]
