@@ -104,7 +104,7 @@ def glob(pattern: str) -> list[str]:
 def open_binary(path: str):
   """A seekable binary file: local, or a gs:// object read in ranged blocks
   (a Parquet reader fetches only the footer and the row groups it reads)."""
-  return _fs().open(path, "rb") if is_remote(path) else open(path, "rb")
+  return _fs().open(path, "rb", cache_type="none") if is_remote(path) else open(path, "rb")
 
 
 def makedirs(path: str) -> None:

@@ -227,6 +227,9 @@ def test_malformed_records_follow_data_max_bad_fraction(tmp_path):
     list(streaming.read_documents(unit, "text", max_bad_fraction=0.01))
 
 
+GS_STEPS = 6
+
+
 def _gs_config(base: str, **data) -> config_lib.ml_collections.ConfigDict:
   cfg = train_config("", steps=2)
   cfg.data.input, cfg.data.weights = f"{base}/code,{base}/web/*.parquet", "0.7,0.3"
@@ -253,6 +256,14 @@ def test_gs_input_errors_are_one_line(gs_corpus, tmp_path, field, value, error, 
   assert isinstance(e.value, errors.UserError) and "\n" not in errors.one_line(e.value)
 
 
+def test_gs_tokenizer_serves_prepare_too(gs_corpus, tokenizer_path, tmp_path):
+  """data.tokenizer=gs://... on the prepared path: its local copy is the one used."""
+  manifest = prepare.prepare(f"{gs_corpus}/code", str(tmp_path / "p"), 512,
+                             tokenizer_path=f"{gs_corpus}/tokenizer.model", val_fraction=0)
+  assert manifest["inputs"]["tokenizer_sha256"] == tok_lib.sha256_file(tokenizer_path)
+  assert manifest["documents"]["train"] == 150
+
+
 def _sources_in(batches, tokenizer) -> set[str]:
   """Which sources' documents ('A' or 'B' markers) the batches hold."""
   text = " ".join(tokenizer.decode(row) for b in batches for row in b["tokens"])
@@ -268,7 +279,7 @@ def test_gs_streaming_run_resumes_bitwise(gs_corpus, tmp_path):
       from tests.test_streaming import _gs_config
       def get_config():
         c = _gs_config({gs_corpus!r})
-        c.train.update(steps={STEPS}, checkpoint_every=2, eval_every=1000,
+        c.train.update(steps={GS_STEPS}, checkpoint_every=3, eval_every=1000,
                        keep_checkpoints=10, log_every=1, eval_batches=1, geometry_every=0)
         return c
   """))
@@ -277,23 +288,23 @@ def test_gs_streaming_run_resumes_bitwise(gs_corpus, tmp_path):
   train.run(cfg, whole)
 
   run = _train(str(config_file), parts, _env())
-  committed = storage.join(parts, "checkpoints", "2", "commit_success.txt")
+  committed = storage.join(parts, "checkpoints", "3", "commit_success.txt")
   deadline = time.time() + 120
   while not (storage.exists(committed) and
-             any(r["step"] == 2 for r in _records_or_none(parts))):
+             any(r["step"] == 3 for r in _records_or_none(parts))):
     assert run.poll() is None, run.communicate()[1][-3000:]
-    assert time.time() < deadline, "timed out waiting for the checkpoint of step 2"
+    assert time.time() < deadline, "timed out waiting for the checkpoint of step 3"
     time.sleep(0.05)
   run.kill()
   _finish(run)
   rc, out, err = _finish(_train(str(config_file), parts, _env()))
-  assert rc == 0 and f"done: step {STEPS}" in out, err[-3000:]
+  assert rc == 0 and f"done: step {GS_STEPS}" in out, err[-3000:]
   resumed = re.search(r"resuming from step (\d+)", out)
-  assert resumed and int(resumed.group(1)) < STEPS, out
+  assert resumed and int(resumed.group(1)) < GS_STEPS, out
   assert "streaming 2 source(s)" in out and "held out: the first" in out, out
   assert f"{gs_corpus}/web/*.parquet -> 0.300" in out, out  # the mixture line
   a, b = _records(whole), _records(parts)
-  assert [r["step"] for r in b] == list(range(1, STEPS + 1))
+  assert [r["step"] for r in b] == list(range(1, GS_STEPS + 1))
   for key in ("loss", "ntp", "nitp", "grad_norm"):
     assert [r[key] for r in a] == [r[key] for r in b], key
 
@@ -305,7 +316,7 @@ def test_gs_streaming_run_resumes_bitwise(gs_corpus, tmp_path):
       f"{gs_corpus}/code/a.jsonl.zst")
   assert storage.exists(storage.join(data_dir, manifest["shards"]["validation"][0]))
   evals = _records(whole, "eval")
-  assert [r["step"] for r in evals] == [STEPS] and np.isfinite(evals[0]["ntp"])
+  assert [r["step"] for r in evals] == [GS_STEPS] and np.isfinite(evals[0]["ntp"])
   batches = take(streaming.make_train_iterator(cfg, data_dir, config_lib.order_seed(cfg)), 4)
   tokenizer = tok_lib.load_tokenizer(streaming.require_tokenizer(cfg.data))
   assert _sources_in(batches, tokenizer) == {"A", "B"}
