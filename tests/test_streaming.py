@@ -297,12 +297,18 @@ def test_gs_streaming_run_resumes_bitwise(gs_corpus, tmp_path):
     time.sleep(0.05)
   run.kill()
   _finish(run)
-  rc, out, err = _finish(_train(str(config_file), parts, _env()))
+  held_out = storage.join(layout.data_dir(cfg, parts), "manifest.json")
+  generation = storage._fs().info(held_out)["generation"]  # pylint: disable=protected-access
+  # Resumed as on another host (an empty cache, the tokenizer fetched again):
+  # the bucket's held-out set is reused, not uploaded again.
+  rc, out, err = _finish(_train(str(config_file), parts,
+                                _env(**{storage.CACHE_ENV: str(tmp_path / "host2")})))
   assert rc == 0 and f"done: step {GS_STEPS}" in out, err[-3000:]
   resumed = re.search(r"resuming from step (\d+)", out)
   assert resumed and int(resumed.group(1)) < GS_STEPS, out
   assert "streaming 2 source(s)" in out and "held out: the first" in out, out
   assert f"{gs_corpus}/web/*.parquet -> 0.300" in out, out  # the mixture line
+  assert storage._fs().info(held_out)["generation"] == generation  # pylint: disable=protected-access
   a, b = _records(whole), _records(parts)
   assert [r["step"] for r in b] == list(range(1, GS_STEPS + 1))
   for key in ("loss", "ntp", "nitp", "grad_norm"):
