@@ -102,8 +102,10 @@ def glob(pattern: str) -> list[str]:
 
 
 def open_binary(path: str):
-  """A seekable binary file: local, or a gs:// object read in ranged blocks
-  (a Parquet reader fetches only the footer and the row groups it reads)."""
+  """A seekable binary file: local, or a gs:// object fetched in exactly the
+  ranges read, no read-ahead (a Parquet reader fetches only the footer and
+  the row groups it reads; fsspec's default read-ahead cache also leaves a
+  pending prefetch task behind)."""
   return _fs().open(path, "rb", cache_type="none") if is_remote(path) else open(path, "rb")
 
 
