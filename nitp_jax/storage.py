@@ -101,6 +101,14 @@ def glob(pattern: str) -> list[str]:
   return ["gs://" + p for p in _fs().glob(pattern)]
 
 
+def open_binary(path: str):
+  """A seekable binary file: local, or a gs:// object fetched in exactly the
+  ranges read, no read-ahead (a Parquet reader fetches only the footer and
+  the row groups it reads; fsspec's default read-ahead cache also leaves a
+  pending prefetch task behind)."""
+  return _fs().open(path, "rb", cache_type="none") if is_remote(path) else open(path, "rb")
+
+
 def makedirs(path: str) -> None:
   """Create a local directory (and parents); nothing to do on object storage,
   where directories are name prefixes."""

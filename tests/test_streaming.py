@@ -1,11 +1,14 @@
 """Streaming input (data.streaming=true): per-process files, on-the-fly
 tokenization, a weighted mixture, exact resume, and a killed run that resumes
-bitwise."""
+bitwise; the same from gs:// sources, tokenizer and workdir (the GCS
+emulator of tests/test_object_storage.py)."""
 
 import glob
 import json
 import os
+import re
 import textwrap
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +18,9 @@ import zstandard
 
 from nitp_jax import checkpoint as ckpt_lib
 from nitp_jax import config as config_lib
+from nitp_jax import errors
+from nitp_jax import layout
+from nitp_jax import storage
 from nitp_jax import train
 from nitp_jax.data import prepare
 from nitp_jax.data import streaming
@@ -22,6 +28,8 @@ from nitp_jax.data import tokenizer as tok_lib
 from nitp_jax.errors import ConfigError, DataError
 from nitp_jax.export import hf
 from tests.conftest import CORPUS_GLOB, train_config
+from tests.test_object_storage import BUCKET, emulator  # noqa: F401  # pylint: disable=unused-import
+from tests.test_object_storage import _env, _finish, _records, _train
 from tests.test_robust import Run, train_records
 
 SEQ, BATCH = 32, 4
@@ -97,7 +105,22 @@ def test_weights_are_shares_of_tokens(corpus, tokenizer_path):
   assert abs(tokens["A"] / (tokens["A"] + tokens["B"]) - 0.7) < 0.05, tokens
 
 
-def test_processes_read_disjoint_documents(corpus):
+@pytest.fixture(scope="module")
+def gs_corpus(emulator, corpus, tokenizer_path):  # pylint: disable=redefined-outer-name
+  """`corpus` and the tokenizer as gs:// objects: the .jsonl.zst file in a
+  directory (code/), the Parquet file matched by a glob (web/*.parquet)."""
+  base = f"gs://{BUCKET}/streaming"
+  storage.upload(corpus[0], f"{base}/code/a.jsonl.zst")
+  storage.upload(corpus[1], f"{base}/web/b-000.parquet")
+  storage.upload(tokenizer_path, f"{base}/tokenizer.model")
+  return base
+
+
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_processes_read_disjoint_documents(corpus, where, request):
+  if where == "gs":
+    base = request.getfixturevalue("gs_corpus")
+    corpus = (f"{base}/code/a.jsonl.zst", f"{base}/web/b-000.parquet")
   seen = []
   for index in range(2):
     docs = []
@@ -202,3 +225,113 @@ def test_malformed_records_follow_data_max_bad_fraction(tmp_path):
   assert ok == [f"document {i}" for i in range(40) if i % 4]
   with pytest.raises(DataError, match=r"10 of 40 records are malformed.*bad\.jsonl:1"):
     list(streaming.read_documents(unit, "text", max_bad_fraction=0.01))
+
+
+GS_STEPS = 6
+
+
+def _gs_config(base: str, **data) -> config_lib.ml_collections.ConfigDict:
+  cfg = train_config("", steps=2)
+  cfg.data.input, cfg.data.weights = f"{base}/code,{base}/web/*.parquet", "0.7,0.3"
+  cfg.data.streaming, cfg.data.tokenizer = True, f"{base}/tokenizer.model"
+  cfg.data.update(data)
+  return cfg
+
+
+@pytest.mark.parametrize("field,value,error,message", [
+    ("input", "{base}/code/missing.jsonl.zst", DataError, "'{base}/code/missing.jsonl.zst' "
+     "does not exist"),
+    ("input", "{base}/code,{base}/none/*.parquet", DataError, "'{base}/none/\\*.parquet': "
+     "the glob matches no"),
+    ("input", "gs://no-such-bucket/code", errors.StorageError, "bucket gs://no-such-bucket "
+     "does not exist"),
+    ("tokenizer", "{base}/missing.model", DataError, "tokenizer '{base}/missing.model' does "
+     "not exist")])
+def test_gs_input_errors_are_one_line(gs_corpus, tmp_path, field, value, error, message):
+  """What `train` prints as `error: <line>` (exit 2) for a missing object, an
+  empty glob, a missing bucket and a missing tokenizer in gs://."""
+  cfg = _gs_config(gs_corpus, **{field: value.format(base=gs_corpus)})
+  with pytest.raises(error, match=message.format(base=gs_corpus)) as e:
+    streaming.ensure_heldout_dir(cfg, str(tmp_path / "data"))
+  assert isinstance(e.value, errors.UserError) and "\n" not in errors.one_line(e.value)
+
+
+def test_gs_tokenizer_serves_prepare_too(gs_corpus, tokenizer_path, tmp_path):
+  """data.tokenizer=gs://... on the prepared path: its local copy is the one used."""
+  manifest = prepare.prepare(f"{gs_corpus}/code", str(tmp_path / "p"), 512,
+                             tokenizer_path=f"{gs_corpus}/tokenizer.model", val_fraction=0)
+  assert manifest["inputs"]["tokenizer_sha256"] == tok_lib.sha256_file(tokenizer_path)
+  assert manifest["documents"]["train"] == 150
+
+
+def _sources_in(batches, tokenizer) -> set[str]:
+  """Which sources' documents ('A' or 'B' markers) the batches hold."""
+  text = " ".join(tokenizer.decode(row) for b in batches for row in b["tokens"])
+  return set(re.findall(r"\b([AB])\d+ ", text))
+
+
+def test_gs_streaming_run_resumes_bitwise(gs_corpus, tmp_path):
+  """A pod's run: sources, tokenizer and workdir in gs://. It reads both
+  sources, writes its held-out set to the bucket, and a run killed after a
+  checkpoint resumes to the same losses as an uninterrupted one."""
+  config_file = tmp_path / "cfg.py"
+  config_file.write_text(textwrap.dedent(f"""
+      from tests.test_streaming import _gs_config
+      def get_config():
+        c = _gs_config({gs_corpus!r})
+        c.train.update(steps={GS_STEPS}, checkpoint_every=3, eval_every=1000,
+                       keep_checkpoints=10, log_every=1, eval_batches=1, geometry_every=0)
+        return c
+  """))
+  cfg = config_lib.load_config_file(str(config_file))
+  whole, parts = f"gs://{BUCKET}/streaming-runs/whole", f"gs://{BUCKET}/streaming-runs/parts"
+  train.run(cfg, whole)
+
+  run = _train(str(config_file), parts, _env())
+  committed = storage.join(parts, "checkpoints", "3", "commit_success.txt")
+  deadline = time.time() + 120
+  while not (storage.exists(committed) and
+             any(r["step"] == 3 for r in _records_or_none(parts))):
+    assert run.poll() is None, run.communicate()[1][-3000:]
+    assert time.time() < deadline, "timed out waiting for the checkpoint of step 3"
+    time.sleep(0.05)
+  run.kill()
+  _finish(run)
+  held_out = storage.join(layout.data_dir(cfg, parts), "manifest.json")
+  generation = storage._fs().info(held_out)["generation"]  # pylint: disable=protected-access
+  # Resumed as on another host (an empty cache, the tokenizer fetched again):
+  # the bucket's held-out set is reused, not uploaded again.
+  rc, out, err = _finish(_train(str(config_file), parts,
+                                _env(**{storage.CACHE_ENV: str(tmp_path / "host2")})))
+  assert rc == 0 and f"done: step {GS_STEPS}" in out, err[-3000:]
+  resumed = re.search(r"resuming from step (\d+)", out)
+  assert resumed and int(resumed.group(1)) < GS_STEPS, out
+  assert "streaming 2 source(s)" in out and "held out: the first" in out, out
+  assert f"{gs_corpus}/web/*.parquet -> 0.300" in out, out  # the mixture line
+  assert storage._fs().info(held_out)["generation"] == generation  # pylint: disable=protected-access
+  a, b = _records(whole), _records(parts)
+  assert [r["step"] for r in b] == list(range(1, GS_STEPS + 1))
+  for key in ("loss", "ntp", "nitp", "grad_norm"):
+    assert [r[key] for r in a] == [r[key] for r in b], key
+
+  # The held-out set is in the bucket and was evaluated on; the training
+  # batches hold documents of both sources.
+  data_dir = layout.data_dir(cfg, whole)
+  manifest = json.loads(storage.read_text(storage.join(data_dir, "manifest.json")))
+  assert manifest["documents"]["validation"] > 0 and manifest["inputs"]["first_file"] == (
+      f"{gs_corpus}/code/a.jsonl.zst")
+  assert storage.exists(storage.join(data_dir, manifest["shards"]["validation"][0]))
+  evals = _records(whole, "eval")
+  assert [r["step"] for r in evals] == [GS_STEPS] and np.isfinite(evals[0]["ntp"])
+  batches = take(streaming.make_train_iterator(cfg, data_dir, config_lib.order_seed(cfg)), 4)
+  tokenizer = tok_lib.load_tokenizer(streaming.require_tokenizer(cfg.data))
+  assert _sources_in(batches, tokenizer) == {"A", "B"}
+  assert not os.path.exists(os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "gs:")), "a local gs: folder was made"
+
+
+def _records_or_none(workdir):
+  try:
+    return _records(workdir)
+  except FileNotFoundError:
+    return []

@@ -241,6 +241,9 @@ def _open_remote_source(spec: str, text_field: str) -> Corpus:
     kind = "glob matches"
   elif storage.isfile(spec):
     return Corpus(spec, [storage.epath(spec)], direct=True, text_field=text_field)
+  elif not storage.isdir(spec):
+    raise DataError(f"{flag('data.input')}={spec!r} does not exist: no object or directory "
+                    "of that name in the bucket. Check the path.")
   else:
     files = [p for p in storage.glob(spec.rstrip("/") + "/**")
              if p.lower().endswith(DIRECTORY_SUFFIXES)]
@@ -313,8 +316,9 @@ def _read_parquet(path: pathlib.Path, text_field: str, bad: BadRecords
   tokens = token_files.is_token_column(table.schema_arrow.field(text_field).type)
   what = "token ids" if tokens else "text"
   row = 0
-  try:
-    for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+  try:  # group by group: pyarrow reads ahead across groups, and a reader may stop early
+    for batch in (b for group in range(table.num_row_groups) for b in table.iter_batches(
+        columns=[text_field], batch_size=1024, row_groups=[group])):
       for value in batch.column(0).to_pylist():
         row += 1
         if isinstance(value, str) and not tokens:
@@ -334,8 +338,10 @@ def _local(path) -> str:
 
 
 def _local_or_bytes(path):
-  """What pyarrow opens: a local path, or a remote file's bytes."""
-  return io.BytesIO(path.read_bytes()) if storage.is_remote(str(path)) else path
+  """What pyarrow opens: a local path, or a remote file read in ranges (a
+  reader that stops early, such as streaming's sample of the first
+  documents, fetches only the footer and the row groups it read)."""
+  return storage.open_binary(str(path)) if storage.is_remote(str(path)) else path
 
 
 def _read_file(path: pathlib.Path, text_field: str, bad: BadRecords) -> Iterator[Document]:

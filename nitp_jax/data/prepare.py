@@ -84,7 +84,8 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
     output_dir: where shards, tokenizer and manifest go.
     vocab_size: the model's vocab size; a trained tokenizer gets exactly this
       many pieces, a given one must have at most this many.
-    tokenizer_path: an existing SentencePiece model ("" = train one).
+    tokenizer_path: an existing SentencePiece model or tokenizer.json, local
+      or gs:// ("" = train one).
     text_field: the jsonl field holding document text.
     val_fraction: fraction of documents held out (at least one if > 0; with
       too few documents, that fraction of each document's last tokens).
@@ -100,6 +101,7 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
     return _prepare_remote(output_dir, lambda local: prepare(
         input, local, vocab_size, tokenizer_path, text_field, val_fraction, seed, workers,
         max_tokenizer_chars, max_bad_fraction))
+  tokenizer_path = tokenizer_path and tok_lib.local_tokenizer(tokenizer_path)
   corpus = open_corpus(input, text_field, max_bad_fraction)
   if not tokenizer_path:
     _check_no_token_files(corpus, text_field)

@@ -77,13 +77,14 @@ class Unit:
 
 
 def require_tokenizer(data_cfg: ml_collections.ConfigDict) -> str:
-  """The tokenizer of a streaming run; ConfigError when none is given."""
+  """The tokenizer file of a streaming run (a gs:// one as its local copy);
+  ConfigError when none is given."""
   if not data_cfg.tokenizer:
     raise ConfigError(f"{flag('data.streaming')}=true needs {flag('data.tokenizer')}="
                       "FILE (a SentencePiece .model or tokenizer.json): training one needs a "
                       "pass over the corpus, so run `python -m nitp_jax.data.prepare` once or "
                       "give a tokenizer.")
-  return data_cfg.tokenizer
+  return tok_lib.local_tokenizer(data_cfg.tokenizer)
 
 
 def run_sources(cfg: ml_collections.ConfigDict) -> list[list[str]]:
@@ -159,14 +160,15 @@ def _path(name: str):
 
 
 def _row_groups(path: pathlib.Path) -> int:
-  """Row groups of a readable local Parquet file; 0 for any other file."""
-  if (storage.is_remote(str(path))
-      or not path.name.lower().endswith(corpus_lib.PARQUET_SUFFIXES)):
+  """Row groups of a readable Parquet file (local or gs://: only its footer
+  is read); 0 for any other file."""
+  if not path.name.lower().endswith(corpus_lib.PARQUET_SUFFIXES):
     return 0
   import pyarrow  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   try:
-    return pq.ParquetFile(path).metadata.num_row_groups
+    with storage.open_binary(str(path)) as f:
+      return pq.ParquetFile(f).metadata.num_row_groups
   except (pyarrow.ArrowException, OSError):
     return 0  # the format reader names the problem
 
@@ -174,9 +176,15 @@ def _row_groups(path: pathlib.Path) -> int:
 def _parquet_part(path: pathlib.Path, unit: Unit, text_field: str, bad: BadRecords
                   ) -> Iterator[tuple[int, Document]]:
   """(row index, text) of row groups unit.part, unit.part + unit.parts, ...:
-  a process reads only its row groups."""
+  a process reads (and, from gs://, fetches) only its row groups."""
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-  table = pq.ParquetFile(corpus_lib._local_or_bytes(path))  # pylint: disable=protected-access
+  with storage.open_binary(str(path)) as f:
+    yield from _row_group_documents(pq.ParquetFile(f), path, unit, text_field, bad)
+
+
+def _row_group_documents(table, path: pathlib.Path, unit: Unit, text_field: str,
+                         bad: BadRecords) -> Iterator[tuple[int, Document]]:
+  """_parquet_part of an open pyarrow ParquetFile."""
   if text_field not in table.schema_arrow.names:
     raise corpus_lib._BadFile(  # pylint: disable=protected-access
         f"has no column {text_field!r}; set {flag('data.text_field')} to the column "
@@ -359,12 +367,22 @@ def heldout_documents(first_file: str, tokenizer: tok_lib.Tokenizer, text_field:
 def ensure_heldout_dir(cfg: ml_collections.ConfigDict, out_dir: str) -> int:
   """Write (or check) the held-out directory of a streaming run; the number
   of held-out documents. Every process may call it at once: each builds
-  the directory privately and renames it into place, the first one wins."""
-  data_cfg = cfg.data
-  tokenizer_path = require_tokenizer(data_cfg)
+  the directory privately and renames it into place, the first one wins.
+  A gs:// directory is built in (or fetched to) the local cache and
+  uploaded, manifest last, as prepared data is."""
+  tokenizer_path = require_tokenizer(cfg.data)
   if storage.is_remote(out_dir):
-    raise ConfigError(f"{flag('data.streaming')}=true keeps its held-out set in a local "
-                      f"directory: set {flag('data.prepared_dir')} to a local path.")
+    manifest = prepare._prepare_remote(  # pylint: disable=protected-access
+        out_dir, lambda local: _ensure_local_heldout(cfg, tokenizer_path, local))
+  else:
+    manifest = _ensure_local_heldout(cfg, tokenizer_path, out_dir)
+  return manifest["documents"]["validation"]
+
+
+def _ensure_local_heldout(cfg: ml_collections.ConfigDict, tokenizer_path: str,
+                          out_dir: str) -> dict[str, Any]:
+  """ensure_heldout_dir of a local directory; its manifest."""
+  data_cfg = cfg.data
   sources = run_sources(cfg)
   tokenizer = tok_lib.load_tokenizer(tokenizer_path)
   tok_lib.check_fits(tokenizer.vocab_size, cfg.model.vocab_size)
@@ -374,7 +392,7 @@ def ensure_heldout_dir(cfg: ml_collections.ConfigDict, out_dir: str) -> int:
             "tokenizer_sha256": tok_lib.sha256_file(tokenizer_path)}
   existing = _existing_manifest(out_dir, inputs)
   if existing is not None:
-    return existing["documents"]["validation"]
+    return existing
   # The first run sizes the set; runs sharing the directory (compare's arms) reuse it.
   docs = (heldout_documents(sources[0][0], tokenizer, data_cfg.text_field,
                             t.eval_batches * t.global_batch * t.seq_len)
@@ -421,7 +439,7 @@ def ensure_heldout_dir(cfg: ml_collections.ConfigDict, out_dir: str) -> int:
   if existing is None:
     raise DataError(f"could not write the held-out set to {out_dir!r}; check it is a "
                     "writable directory.")
-  return existing["documents"]["validation"]
+  return existing
 
 
 def _existing_manifest(out_dir: str, inputs: dict[str, Any]) -> dict[str, Any] | None:
@@ -439,7 +457,7 @@ def _existing_manifest(out_dir: str, inputs: dict[str, Any]) -> dict[str, Any] |
 
 def report_lines(cfg: ml_collections.ConfigDict, data_dir: str) -> list[str]:
   """What a streaming run says about its data: sources, held-out set, mixture."""
-  manifest = prepare.load_manifest(data_dir)
+  manifest = prepare.load_manifest(prepare.readable_dir(data_dir))
   specs, held = config_lib.data_sources(cfg), manifest["documents"]["validation"]
   lines = [f"streaming {len(specs)} source(s), tokenized on the fly; held out: "
            + (f"the first {held} documents ({manifest['tokens']['validation']} tokens) of "
@@ -459,7 +477,7 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, data_dir: str, seed: int
   directory `data_dir` must exist (`ensure_heldout_dir`). data.weights are
   shares of tokens, as on the prepared path."""
   d, t = cfg.data, cfg.train
-  manifest = prepare.load_manifest(data_dir)
+  manifest = prepare.load_manifest(prepare.readable_dir(data_dir))
   weights = config_lib.data_weights(cfg)
   proportions = (document_proportions(weights, manifest["document_tokens"])
                  if weights and len(weights) > 1 else None)

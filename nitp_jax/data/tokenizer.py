@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import shutil
 import re
 from typing import Iterable, Iterator, Sequence
@@ -18,6 +19,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from nitp_jax import storage
 from nitp_jax.data import hf_tokenizer
 from nitp_jax.data.hf_tokenizer import HFTokenizer
 from nitp_jax.errors import DataError
@@ -93,6 +95,21 @@ def load_tokenizer(path: str) -> Tokenizer:
   except (RuntimeError, OSError) as e:
     raise DataError(f"tokenizer {path!r} is not a SentencePiece model "
                     f"({e}).") from None
+
+
+def local_tokenizer(path: str) -> str:
+  """`path` itself, or for gs://... its copy in the local cache (with the
+  tokenizer_config.json beside a tokenizer.json); DataError when missing."""
+  if not storage.is_remote(path):
+    return path
+  storage.check(path)
+  if not storage.isfile(path):
+    raise DataError(f"tokenizer {path!r} does not exist: pass an existing SentencePiece "
+                    f".model or HuggingFace tokenizer.json file to {flag('data.tokenizer')}.")
+  config = storage.join(posixpath.dirname(path), hf_tokenizer.CONFIG_FILE)
+  if is_hf_json(path) and storage.isfile(config):
+    storage.local_copy(config)
+  return storage.local_copy(path)
 
 
 def copy_tokenizer(path: str, dest: str) -> None:
