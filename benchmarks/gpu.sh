@@ -3,15 +3,17 @@
 # bf16 peak from nitp_jax/flops.py (A100 312, H100/H200 989 TFLOP/s).
 #
 #   bash benchmarks/gpu.sh                 # ~10 min on one H200
+#   PARTS=moe bash benchmarks/gpu.sh       # only moe_1p9b (issue 11's check)
 #   SEQ=8192 DENSE_BATCH=2 bash benchmarks/gpu.sh
 #
 # Targets (issue 7): >= 50% MFU for dense_3b at sequence 4,096, >= 30% for a
 # moe_1p9b-like shape, NITP overhead within 1 point of the analytic one.
 # Each benchmark prints one JSON line (also kept in $RESULTS); a summary
-# follows. Knobs: SEQ, DENSE_BATCH, MOE_BATCH, OVERHEAD_LAYERS, ATTENTION
-# (auto | cudnn | xla), DISPATCH (gather | capacity | ragged | dropless; ragged
-# ran out of memory for moe_1p9b on an H200 at 8 x 2048; dropless, the training
-# default, is a loop of block matmuls not yet measured on a GPU), STEPS, ROUNDS.
+# follows, with the device's peak memory. Knobs: PARTS (any of dense moe
+# overhead), SEQ, DENSE_BATCH, MOE_BATCH, OVERHEAD_LAYERS, ATTENTION (auto |
+# cudnn | xla), DISPATCH (dropless, the training default | gather | capacity |
+# ragged; ragged ran out of memory for moe_1p9b on an H200 at 8 x 2048;
+# dropless is a loop of block matmuls not yet measured on a GPU), STEPS, ROUNDS.
 set -euo pipefail
 
 cd "$(dirname "$0")"
@@ -20,7 +22,8 @@ DENSE_BATCH=${DENSE_BATCH:-4}
 MOE_BATCH=${MOE_BATCH:-8}
 OVERHEAD_LAYERS=${OVERHEAD_LAYERS:-14}  # two 3B models at once do not fit
 ATTENTION=${ATTENTION:-auto}
-DISPATCH=${DISPATCH:-gather}
+PARTS=${PARTS:-dense moe overhead}
+DISPATCH=${DISPATCH:-dropless}
 STEPS=${STEPS:-5}
 ROUNDS=${ROUNDS:-3}
 RESULTS=${RESULTS:-${OUT:-/tmp}/gpu_bench.jsonl}
@@ -30,12 +33,19 @@ python -c 'import jax; d = jax.devices()[0]; assert d.platform == "gpu", d; prin
 : > "$RESULTS"
 
 common=(--dtype=bfloat16 --seq_len="$SEQ" --steps="$STEPS" --rounds="$ROUNDS")
-python throughput.py "${common[@]}" --preset=dense_3b --batch="$DENSE_BATCH" \
-    --attention="$ATTENTION" | tail -n 1 | tee -a "$RESULTS"
-python throughput.py "${common[@]}" --preset=moe_1p9b --batch="$MOE_BATCH" \
-    --attention="$ATTENTION" --dispatch="$DISPATCH" | tail -n 1 | tee -a "$RESULTS"
-python nitp_overhead.py "${common[@]}" --preset=dense_3b --batch="$DENSE_BATCH" \
-    --layers="$OVERHEAD_LAYERS" | tail -n 1 | tee -a "$RESULTS"
+wants() { [[ " $PARTS " == *" $1 "* ]]; }
+if wants dense; then
+  python throughput.py "${common[@]}" --preset=dense_3b --batch="$DENSE_BATCH" \
+      --attention="$ATTENTION" | tail -n 1 | tee -a "$RESULTS"
+fi
+if wants moe; then
+  python throughput.py "${common[@]}" --preset=moe_1p9b --batch="$MOE_BATCH" \
+      --attention="$ATTENTION" --dispatch="$DISPATCH" | tail -n 1 | tee -a "$RESULTS"
+fi
+if wants overhead; then
+  python nitp_overhead.py "${common[@]}" --preset=dense_3b --batch="$DENSE_BATCH" \
+      --layers="$OVERHEAD_LAYERS" | tail -n 1 | tee -a "$RESULTS"
+fi
 
 python - "$RESULTS" <<'EOF'
 import json, sys
@@ -48,6 +58,8 @@ for line in open(sys.argv[1]):
         print(f"{r['device_kind']} {name}: {x['tokens_per_s']:,} tok/s, "
               f"{x['model_tflops_per_device']:.0f} TFLOP/s, MFU {100 * x['mfu']:.1f}% "
               f"(target >= {100 * target:.0f}%: {'met' if x['mfu'] >= target else 'NOT met'})")
+    if r.get("device_peak_bytes"):
+      print(f"  peak device memory {r['device_peak_bytes'] / 2**30:.1f} GiB")
   else:
     print(f"{r['device_kind']} NITP overhead: measured {100 * r['measured_overhead']:.2f}% "
           f"vs analytic {100 * r['analytic_flops_overhead']:.2f}% "

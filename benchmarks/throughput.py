@@ -120,7 +120,15 @@ def main(argv) -> None:
       "target": "dense_small mfu >= 0.4 (CPU)" if on_cpu else "see gpu.sh",
       "target_met": dense_small >= 0.4 if dense_small is not None else None,
       **({"gather_over_dropless_step_time": step_ratios} if step_ratios else {}),
+      **({"device_peak_bytes": peak_bytes} if (peak_bytes := device_peak_bytes()) else {}),
   }))
+
+
+def device_peak_bytes() -> int | None:
+  """The first device's peak memory in use over this process (GPU/TPU; None
+  where the backend does not report it, as on CPU)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
 
 
 if __name__ == "__main__":
