@@ -159,8 +159,10 @@ class Trainer:
     for task in self.tasks:
       result |= evaluate.task_accuracy(self.steps, state["params"], task)
     accuracies = "".join(f" | {k} {v:.3f}" for k, v in result.items() if k.endswith("/acc"))
+    per_source = "".join(f" | {k} {v:.4f}" for k, v in result.items() if k.startswith("ntp_s"))
     self.log.info(f"eval step {step} | loss {result['ntp']:.4f} | ppl {result['ppl']:.2f}"
-                  + (f" | nitp {result['nitp']:.4f}" if "nitp" in result else "") + accuracies)
+                  + (f" | nitp {result['nitp']:.4f}" if "nitp" in result else "") + per_source
+                  + accuracies)
     self.log.write(step, result, kind="eval")
     return result
 

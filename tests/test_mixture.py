@@ -232,7 +232,11 @@ def test_a_weighted_run_logs_its_mixture_and_reads_it(sources, tmp_path, capsys)
                                                           sources["tokenizer"], "0.8,0.2")
   trainer = train.Trainer(cfg, str(tmp_path / "run"))
   try:
-    assert "data mixture (share of tokens): " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "data mixture (share of tokens): " in out
+    assert ("held-out loss per source, combined into the headline: "
+            f"{sources['spec'].split(',')[0]} -> ntp_s0 (1 batch(es), weight 0.800)") in out
+    assert trainer.heldout.suffixes == ["_s0", "_s1"]
     t = cfg.train
     expected = pipeline.make_train_iterator(
         trainer.data_dir, t.seq_len, t.global_batch, cfg.data.seed, 0, 1,
@@ -248,7 +252,18 @@ def _source_tokens(batches) -> set[int]:
   return {_source_of(t) for t in words}
 
 
-def test_eval_sets_are_per_source_and_weighted_by_data_weights(mixed_dir):
+def _with_manifest(prepared, manifest, tmp_path) -> str:
+  """A copy of `prepared` (its files linked) with another manifest."""
+  out = tmp_path / "edited"
+  out.mkdir()
+  for name in os.listdir(prepared):
+    if name != "manifest.json":
+      os.symlink(os.path.join(prepared, name), out / name)
+  (out / "manifest.json").write_text(json.dumps(manifest))
+  return str(out)
+
+
+def test_eval_sets_are_per_source_and_weighted_by_data_weights(mixed_dir, tmp_path):
   from nitp_jax.data import heldout_sets  # pylint: disable=import-outside-toplevel
   manifest = prepare_lib.load_manifest(mixed_dir)
   sets = heldout_sets.make_eval_sets(mixed_dir, SEQ, BATCH, 100, [0.7, 0.3])
@@ -261,6 +276,12 @@ def test_eval_sets_are_per_source_and_weighted_by_data_weights(mixed_dir):
   train_tokens = [s["tokens"]["train"] for s in manifest["sources"]]
   assert heldout_sets.make_eval_sets(mixed_dir, SEQ, BATCH, 1).weights == pytest.approx(
       [t / sum(train_tokens) for t in train_tokens])
+  # A source with nothing held out is left out; the others' weights renormalised.
+  manifest["sources"][0]["documents"]["validation"] = 0
+  only = heldout_sets.make_eval_sets(_with_manifest(mixed_dir, manifest, tmp_path), SEQ,
+                                     BATCH, 100, [0.7, 0.3])
+  assert only.suffixes == ["_s1"] and only.weights == [1.0]
+  assert "a -> nothing held out, not evaluated; " in heldout_sets.describe(only, ["a", "b"])
 
 
 def test_mixture_eval_combines_per_source_losses_by_weight(mixed_dir):

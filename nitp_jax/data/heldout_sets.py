@@ -101,13 +101,18 @@ def combine(results: Sequence[dict[str, float]], suffixes: Sequence[str],
 
 def describe(sets: HeldOutSets, specs: Sequence[str]) -> str | None:
   """One line for a mixture's evaluation (None for a single set): each
-  source's held-out batches and its weight in the headline loss."""
+  source's held-out batches and its weight in the headline loss; a source
+  with nothing held out is named as such."""
   if list(sets.suffixes) in ([], [""]):
     return None
+  evaluated = {int(suffix[2:]): k for k, suffix in enumerate(sets.suffixes)}
   parts = []
-  for k, (suffix, batches) in enumerate(zip(sets.suffixes, sets.batches)):
-    i = int(suffix[2:])
+  for i in range(max(len(specs), max(evaluated) + 1)):
     name = specs[i] if i < len(specs) else f"source {i}"
+    k = evaluated.get(i)
+    if k is None:
+      parts.append(f"{name} -> nothing held out, not evaluated")
+      continue
     weight = f"weight {sets.weights[k]:.3f}" if sets.weights else "pooled by tokens"
-    parts.append(f"{name} -> ntp{suffix} ({len(batches)} batch(es), {weight})")
+    parts.append(f"{name} -> ntp_s{i} ({len(sets.batches[k])} batch(es), {weight})")
   return "held-out loss per source, combined into the headline: " + "; ".join(parts)
