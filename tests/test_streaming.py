@@ -5,6 +5,7 @@ bitwise."""
 import glob
 import json
 import os
+import shutil
 import textwrap
 
 import numpy as np
@@ -160,8 +161,21 @@ def test_heldout_dir_reads_like_prepared_data(tmp_path, corpus, tokenizer_path):
                                            heldout=counts))
   seen = {tokenizer.decode(next(trained)[:-1]).split(" ", 1)[0] for _ in range(200)}
   assert len(seen) == 200 and not seen & set(names)
-  legacy = {"documents": {"validation": 5}}  # written before per-source sets
-  assert streaming.heldout_counts(legacy, 2) == [5, 0]
+  # A directory written before per-source sets (source 0's documents only,
+  # inputs without "first_files") is still read as it is.
+  old = tmp_path / "old"
+  shutil.copytree(out, old)
+  del manifest["sources"], manifest["inputs"]["first_files"]
+  manifest["documents"]["validation"] = counts[0]
+  manifest["shards"]["validation"] = ["validation-s0-00000.array_record"]
+  (old / "manifest.json").write_text(json.dumps(manifest))
+  assert streaming.ensure_heldout_dir(cfg, str(old)) == counts[0]
+  assert streaming.heldout_counts(prepare.load_manifest(str(old)), 2) == [counts[0], 0]
+  assert heldout_sets.make_eval_sets(str(old), 64, 8, 2, [0.7, 0.3]).suffixes == [""]
+  manifest["inputs"]["first_files"] = [corpus[0], "elsewhere.parquet"]  # another first file
+  (old / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(DataError, match="holds data of other inputs"):
+    streaming.ensure_heldout_dir(cfg, str(old))
   one = tmp_path / "one.jsonl"
   one.write_text(json.dumps({"text": "a single document"}) + "\n")
   cfg.data.input, cfg.data.weights = str(one), ""

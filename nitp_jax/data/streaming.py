@@ -384,7 +384,13 @@ def ensure_heldout_dir(cfg: ml_collections.ConfigDict, out_dir: str) -> int:
   inputs = {"format": FORMAT, "input": data_cfg.input, "text_field": data_cfg.text_field,
             "val_fraction": float(data_cfg.val_fraction), "first_file": sources[0][0],
             "tokenizer_sha256": tok_lib.sha256_file(tokenizer_path)}
-  existing = _existing_manifest(out_dir, inputs)
+  # Every source's first file holds documents out (and trains after them). A
+  # mixture's directory written before per-source sets (its inputs lack
+  # "first_files": source 0's only) is still read.
+  earlier = dict(inputs)
+  if len(sources) > 1:
+    inputs["first_files"] = [files[0] for files in sources]
+  existing = _existing_manifest(out_dir, inputs, earlier)
   if existing is not None:
     return existing["documents"]["validation"]
   # The first run sizes the set; runs sharing the directory (compare's arms) reuse it.
@@ -473,14 +479,15 @@ def heldout_counts(manifest: dict[str, Any], num_sources: int) -> list[int]:
   return [manifest["documents"]["validation"]] + [0] * (num_sources - 1)
 
 
-def _existing_manifest(out_dir: str, inputs: dict[str, Any]) -> dict[str, Any] | None:
-  """The manifest in out_dir when written from `inputs`; DataError when the
-  directory holds other data."""
+def _existing_manifest(out_dir: str, inputs: dict[str, Any],
+                       earlier: dict[str, Any] | None = None) -> dict[str, Any] | None:
+  """The manifest in out_dir when written from `inputs` (or, by an earlier
+  version, from `earlier`); DataError when the directory holds other data."""
   path = os.path.join(out_dir, MANIFEST)
   if not os.path.isfile(path):
     return None
   manifest = prepare.load_manifest(out_dir)
-  if manifest.get("inputs") != inputs:
+  if manifest.get("inputs") not in (inputs, earlier or inputs):
     raise DataError(f"{out_dir!r} holds data of other inputs than this streaming run; use "
                     f"another {flag('data.prepared_dir')} or --workdir, or delete it.")
   return manifest
