@@ -11,12 +11,13 @@ each task of the run's train.eval_tasks.
 Data: the first N validation batches of the run's prepared data
 (cfg.data.prepared_dir, or <workdir>/data), N = cfg.train.eval_batches by
 default: with defaults, loss / nitp equal the trainer's eval record of the
-same step. Data of several sources gives N batches per source, each source's
-numbers (ntp_s0, nitp_s0, tokens_s0, ...) and loss / nitp weighted by the
-sources' training shares (nitp_jax.data.heldout_sets). Loss and NITP are token-weighted over all batches. Geometry is
-computed per batch and then averaged over the batches (equal weight), so it
-is on the same scale as the trainer's probe record (one batch; --batches=1
-reproduces it: the probe batch is the first eval batch).
+same step. Loss and NITP are token-weighted over all batches. Data of several
+sources gives N batches per source, each source's numbers (ntp_s0, nitp_s0,
+nitp_cos_s0, tokens_s0, ...) and loss / nitp as their mean weighted by the
+sources' training shares (nitp_jax.data.heldout_sets). Geometry is computed
+per batch and then averaged over the batches (equal weight), so it is on the
+same scale as the trainer's probe record (one batch: the first eval batch,
+of source 0 for a mixture; for one source --batches=1 reproduces it).
 
 MoE runs are evaluated with the dispatch they trained with (the checkpoint's
 config) unless --dispatch names another; the dropless ones (dropless, ragged,

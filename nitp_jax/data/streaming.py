@@ -26,13 +26,14 @@ arguments (process count and index, worker count).
 Held-out set (documents, not batches): the first documents of the first file
 of each source, up to `train.eval_batches` full batches of tokens per source
 (never that file's last document), when `data.val_fraction` > 0. Training
-skips them. With several sources each source's are a validation shard of
-their own (`validation-s{i}-...`, listed per source in the manifest), so the
-run evaluates each source and weighs them by `data.weights`
-(nitp_jax.data.heldout_sets). A held-out directory written before (source 0's
-documents only) is still read as it is. `ensure_heldout_dir` writes them as a small prepared-format directory
-(manifest, tokenizer copy, validation shard) so `evaluate`, `export.hf` and
-the eval tasks read a streaming run like a prepared one.
+skips them. `ensure_heldout_dir` writes them as a small prepared-format
+directory (manifest, tokenizer copy, validation shard) so `evaluate`,
+`export.hf` and the eval tasks read a streaming run like a prepared one. With
+several sources each source's documents are a validation shard of their own
+(`validation-s{i}-...`, listed per source in the manifest, as prepared
+mixtures have), so the run evaluates each source and weighs them by
+`data.weights` (nitp_jax.data.heldout_sets); a mixture's directory written
+before that (source 0's documents only) is still read as it is.
 """
 
 from __future__ import annotations
