@@ -11,10 +11,13 @@ each task of the run's train.eval_tasks.
 Data: the first N validation batches of the run's prepared data
 (cfg.data.prepared_dir, or <workdir>/data), N = cfg.train.eval_batches by
 default: with defaults, loss / nitp equal the trainer's eval record of the
-same step. Loss and NITP are token-weighted over all batches. Geometry is
-computed per batch and then averaged over the batches (equal weight), so it
-is on the same scale as the trainer's probe record (one batch; --batches=1
-reproduces it: the probe batch is the first eval batch).
+same step. Loss and NITP are token-weighted over all batches. Data of several
+sources gives N batches per source, each source's numbers (ntp_s0, nitp_s0,
+nitp_cos_s0, tokens_s0, ...) and loss / nitp as their mean weighted by the
+sources' training shares (nitp_jax.data.heldout_sets). Geometry is computed
+per batch and then averaged over the batches (equal weight), so it is on the
+same scale as the trainer's probe record (one batch: the first eval batch,
+of source 0 for a mixture; for one source --batches=1 reproduces it).
 
 MoE runs are evaluated with the dispatch they trained with (the checkpoint's
 config) unless --dispatch names another; the dropless ones (dropless, ragged,
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import jax
 import ml_collections
@@ -40,7 +44,7 @@ from nitp_jax import layout
 from nitp_jax import sharding
 from nitp_jax import storage
 from nitp_jax import tasks as tasks_lib
-from nitp_jax.data import pipeline
+from nitp_jax.data import heldout_sets as heldout_sets_lib
 from nitp_jax.data import prepare
 from nitp_jax.data import tokenizer as tok_lib
 from nitp_jax.errors import DataError
@@ -66,6 +70,15 @@ def heldout(steps: jitted.Steps, params: dict, batches: list[dict]) -> dict[str,
   result["ppl"] = math.exp(min(result["ntp"], 50.0))
   result["tokens"] = tokens
   return result
+
+
+def heldout_sets(steps: jitted.Steps, params: dict, sets: heldout_sets_lib.HeldOutSets
+                 ) -> dict[str, float]:
+  """`heldout` of each held-out set, combined (data.heldout_sets.combine):
+  for a mixture, the headline weighted by the sources' training shares and
+  each source's values ("ntp_s0", ...); for a single set, `heldout`'s dict."""
+  return heldout_sets_lib.combine([heldout(steps, params, b) for b in sets.batches],
+                                  sets.suffixes, sets.weights)
 
 
 def geometry(steps: jitted.Steps, params: dict, batches: list[dict]) -> dict[str, float]:
@@ -129,8 +142,9 @@ def evaluate_run(workdir: str, step: int | None = None, batches: int | None = No
   if n <= 0:
     raise DataError(f"--batches={n} is invalid: must be a positive integer")
   t = cfg.train
-  eval_batches = pipeline.make_eval_batches(layout.data_dir(cfg, workdir), t.seq_len,
-                                            t.global_batch, n)
+  sets = heldout_sets_lib.make_eval_sets(layout.data_dir(cfg, workdir), t.seq_len,
+                                         t.global_batch, n, config_lib.data_weights(cfg))
+  eval_batches = sets.all_batches
   if not eval_batches:
     data_dir = layout.data_dir(cfg, workdir)
     raise DataError(f"{data_dir} has nothing to evaluate on, {prepare.report_lines(data_dir)[0]}"
@@ -138,14 +152,16 @@ def evaluate_run(workdir: str, step: int | None = None, batches: int | None = No
                     f"({flag('data.val_fraction')} > 0).")
   steps = jitted.build(cfg, eval_mesh(cfg))
   params = jax.device_put(params, steps.state_shardings["params"])
-  result = heldout(steps, params, eval_batches) | geometry(steps, params, eval_batches)
+  result = heldout_sets(steps, params, sets) | geometry(steps, params, eval_batches)
   for task in run_tasks(cfg, layout.data_dir(cfg, workdir)):
     result |= task_accuracy(steps, params, task)
   result["loss"] = result.pop("ntp")
-  result["tokens"] = int(result["tokens"])
+  for k in [k for k in result if k == "tokens" or k.startswith("tokens_s")]:
+    result[k] = int(result[k])
   result["batches"] = len(eval_batches)
   order = ["loss", "ppl", "nitp", "nitp_cos", *GEOMETRY_KEYS, "tokens", "batches"]
   order += sorted(k for k in result if "/acc" in k)
+  order += [k for k in result if re.search(r"_s\d+$", k)]  # per source, in source order
   ordered = {k: result[k] for k in order if k in result}
   moe = {"dispatch": cfg.model.moe.dispatch} if config_lib.is_moe(cfg) else {}
   return {"workdir": storage.absolute(workdir), "step": step, **moe,

@@ -26,7 +26,7 @@ from nitp_jax import preemption
 from nitp_jax import sharding
 from nitp_jax import step as step_lib
 from nitp_jax import workdir_lock
-from nitp_jax.data import pipeline, prepare, streaming
+from nitp_jax.data import heldout_sets, pipeline, prepare, streaming
 from nitp_jax.export import hf
 from nitp_jax.errors import NonFiniteLossError
 from nitp_jax.metrics_log import MetricsLog, Throughput, console_line
@@ -85,8 +85,12 @@ class Trainer:
     for line in data_report(cfg, self.data_dir):
       self.log.info(line)
     self.train_iter = self._train_iterator(config_lib.order_seed(cfg))
-    self.eval_batches = pipeline.make_eval_batches(
-        self.data_dir, t.seq_len, t.global_batch, t.eval_batches)
+    self.heldout = heldout_sets.make_eval_sets(  # one set per source of a mixture
+        self.data_dir, t.seq_len, t.global_batch, t.eval_batches, config_lib.data_weights(cfg))
+    self.eval_batches = self.heldout.all_batches
+    mixture_line = heldout_sets.describe(self.heldout, config_lib.data_sources(cfg))
+    if mixture_line:
+      self.log.info(mixture_line)
     self.tasks = evaluate.run_tasks(cfg, self.data_dir) if self.eval_batches else []
     self.checkpointer = ckpt_lib.Checkpointer(self.workdir, t.keep_checkpoints)
     self._params_finite = jax.jit(step_lib.all_finite)
@@ -152,12 +156,14 @@ class Trainer:
   def _eval(self, state: step_lib.State, step: int) -> dict[str, float]:
     if not self.eval_batches:
       return {}
-    result = evaluate.heldout(self.steps, state["params"], self.eval_batches)
+    result = evaluate.heldout_sets(self.steps, state["params"], self.heldout)
     for task in self.tasks:
       result |= evaluate.task_accuracy(self.steps, state["params"], task)
     accuracies = "".join(f" | {k} {v:.3f}" for k, v in result.items() if k.endswith("/acc"))
+    per_source = "".join(f" | {k} {v:.4f}" for k, v in result.items() if k.startswith("ntp_s"))
     self.log.info(f"eval step {step} | loss {result['ntp']:.4f} | ppl {result['ppl']:.2f}"
-                  + (f" | nitp {result['nitp']:.4f}" if "nitp" in result else "") + accuracies)
+                  + (f" | nitp {result['nitp']:.4f}" if "nitp" in result else "") + per_source
+                  + accuracies)
     self.log.write(step, result, kind="eval")
     return result
 

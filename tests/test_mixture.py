@@ -162,6 +162,10 @@ def test_weights_need_a_directory_prepared_per_source(mixed_dir, tmp_path):
   os.remove(old / "manifest.json")
   (old / "manifest.json").write_text(json.dumps(manifest))
   assert next(_iterator(str(old), None))["tokens"].shape == (BATCH, SEQ)  # still loads
+  from nitp_jax.data import heldout_sets  # pylint: disable=import-outside-toplevel
+  one = heldout_sets.make_eval_sets(str(old), SEQ, BATCH, 2, [0.8, 0.2])  # one set, as before
+  assert one.suffixes == [""] and _same(one.batches[0],
+                                        pipeline.make_eval_batches(str(old), SEQ, BATCH, 2))
   with pytest.raises(DataError, match="not prepared per source.*data.prepared_dir"):
     _iterator(str(old), [0.8, 0.2])
   with pytest.raises(DataError, match="3 weights but .* 2 sources"):
@@ -228,7 +232,11 @@ def test_a_weighted_run_logs_its_mixture_and_reads_it(sources, tmp_path, capsys)
                                                           sources["tokenizer"], "0.8,0.2")
   trainer = train.Trainer(cfg, str(tmp_path / "run"))
   try:
-    assert "data mixture (share of tokens): " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "data mixture (share of tokens): " in out
+    assert ("held-out loss per source, combined into the headline: "
+            f"{sources['spec'].split(',')[0]} -> ntp_s0 (1 batch(es), weight 0.800)") in out
+    assert trainer.heldout.suffixes == ["_s0", "_s1"]
     t = cfg.train
     expected = pipeline.make_train_iterator(
         trainer.data_dir, t.seq_len, t.global_batch, cfg.data.seed, 0, 1,
@@ -236,3 +244,67 @@ def test_a_weighted_run_logs_its_mixture_and_reads_it(sources, tmp_path, capsys)
     assert _same(_take(trainer.train_iter, 3), _take(expected, 3))
   finally:
     trainer.close()
+
+
+def _source_tokens(batches) -> set[int]:
+  """Which sources the batches' word tokens come from (EOS and padding left out)."""
+  words = {int(t) for b in batches for t in b["tokens"][b["segment_ids"] > 0] if t != EOS}
+  return {_source_of(t) for t in words}
+
+
+def _with_manifest(prepared, manifest, tmp_path) -> str:
+  """A copy of `prepared` (its files linked) with another manifest."""
+  out = tmp_path / "edited"
+  out.mkdir()
+  for name in os.listdir(prepared):
+    if name != "manifest.json":
+      os.symlink(os.path.join(prepared, name), out / name)
+  (out / "manifest.json").write_text(json.dumps(manifest))
+  return str(out)
+
+
+def test_eval_sets_are_per_source_and_weighted_by_data_weights(mixed_dir, tmp_path):
+  from nitp_jax.data import heldout_sets  # pylint: disable=import-outside-toplevel
+  manifest = prepare_lib.load_manifest(mixed_dir)
+  sets = heldout_sets.make_eval_sets(mixed_dir, SEQ, BATCH, 100, [0.7, 0.3])
+  assert sets.suffixes == ["_s0", "_s1"] and sets.weights == [0.7, 0.3]
+  for i, batches in enumerate(sets.batches):  # only that source's tokens, all of them
+    assert _source_tokens(batches) == {i}
+    held = sum(int((b["segment_ids"] > 0).sum()) for b in batches)
+    assert held == manifest["sources"][i]["tokens"]["validation"] > 0
+  # Without weights: each source's share of the training tokens.
+  train_tokens = [s["tokens"]["train"] for s in manifest["sources"]]
+  assert heldout_sets.make_eval_sets(mixed_dir, SEQ, BATCH, 1).weights == pytest.approx(
+      [t / sum(train_tokens) for t in train_tokens])
+  # A source with nothing held out is left out; the others' weights renormalised.
+  manifest["sources"][0]["documents"]["validation"] = 0
+  only = heldout_sets.make_eval_sets(_with_manifest(mixed_dir, manifest, tmp_path), SEQ,
+                                     BATCH, 100, [0.7, 0.3])
+  assert only.suffixes == ["_s1"] and only.weights == [1.0]
+  assert "a -> nothing held out, not evaluated; " in heldout_sets.describe(only, ["a", "b"])
+
+
+def test_mixture_eval_combines_per_source_losses_by_weight(mixed_dir):
+  """A real (untrained) model's eval: each source's numbers are those of its
+  batches evaluated alone, the headline their weighted mean; with no weights
+  to give (streaming) the combination is the pooled token-weighted mean."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from nitp_jax import evaluate, jitted  # pylint: disable=import-outside-toplevel
+  from nitp_jax.data import heldout_sets  # pylint: disable=import-outside-toplevel
+  from tests.conftest import train_config  # pylint: disable=import-outside-toplevel
+  cfg = train_config("")
+  t = cfg.train
+  steps = jitted.build(cfg, evaluate.eval_mesh(cfg))
+  params = steps.init(jax.random.key(0))["params"]
+  sets = heldout_sets.make_eval_sets(mixed_dir, t.seq_len, t.global_batch, 4, [0.7, 0.3])
+  alone = [evaluate.heldout(steps, params, b) for b in sets.batches]
+  got = evaluate.heldout_sets(steps, params, sets)
+  for key in ("ntp", "nitp", "nitp_cos"):
+    assert got[key] == pytest.approx(0.7 * alone[0][key] + 0.3 * alone[1][key], rel=1e-6)
+    assert [got[f"{key}_s0"], got[f"{key}_s1"]] == [alone[0][key], alone[1][key]]
+  assert got["tokens"] == alone[0]["tokens"] + alone[1]["tokens"]
+  assert got["ppl"] == pytest.approx(np.exp(got["ntp"]))
+  assert alone[0]["ntp"] != pytest.approx(alone[1]["ntp"], abs=1e-3)  # so weights matter
+  pooled = heldout_sets.combine(alone, sets.suffixes, None)
+  assert pooled["ntp"] == pytest.approx(
+      evaluate.heldout(steps, params, sets.all_batches)["ntp"], rel=1e-6)

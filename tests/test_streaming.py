@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import textwrap
 import time
 
@@ -19,9 +20,11 @@ import zstandard
 from nitp_jax import checkpoint as ckpt_lib
 from nitp_jax import config as config_lib
 from nitp_jax import errors
+from nitp_jax import evaluate
 from nitp_jax import layout
 from nitp_jax import storage
 from nitp_jax import train
+from nitp_jax.data import heldout_sets
 from nitp_jax.data import prepare
 from nitp_jax.data import streaming
 from nitp_jax.data import tokenizer as tok_lib
@@ -55,6 +58,10 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokenizer_path(prepared_dir):
   return os.path.join(prepared_dir, "tokenizer.model")
+
+
+def corpus_sources(corpus):
+  return [[corpus[0]], [corpus[1]]]
 
 
 def dataset(corpus, tokenizer_path, index=0, count=1, seed=0, **kw):
@@ -158,8 +165,40 @@ def test_heldout_dir_reads_like_prepared_data(tmp_path, corpus, tokenizer_path):
   assert held == streaming.ensure_heldout_dir(cfg, out) > 0  # reused
   from nitp_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   docs = pipeline.heldout_documents(out)
-  assert len(docs) == held and prepare.load_manifest(out)["streaming"]
+  manifest = prepare.load_manifest(out)
+  assert len(docs) == held and manifest["streaming"]
   assert len(pipeline.make_eval_batches(out, 64, 8, 2)) >= 1
+  # Every source holds out the leading documents of its first file, in a
+  # validation shard of its own; training skips each source's.
+  tokenizer = tok_lib.load_tokenizer(tokenizer_path)
+  names = [tokenizer.decode(d[:-1]).split(" ", 1)[0] for d in docs]
+  counts = streaming.heldout_counts(manifest, 2)
+  assert all(counts) and sum(counts) == held
+  assert names == [f"A{i}" for i in range(counts[0])] + [f"B{i}" for i in range(counts[1])]
+  assert [s["shards"]["validation"] for s in manifest["sources"]] == [
+      ["validation-s0-00000.array_record"], ["validation-s1-00000.array_record"]]
+  sets = heldout_sets.make_eval_sets(out, 64, 8, 2, [0.7, 0.3])
+  assert sets.suffixes == ["_s0", "_s1"] and sets.weights == [0.7, 0.3]
+  assert heldout_sets.make_eval_sets(out, 64, 8, 2).weights is None  # pooled: no token counts
+  trained = iter(streaming.mixed_documents(corpus_sources(corpus), tokenizer_path, 0, 0, 1,
+                                           heldout=counts))
+  seen = {tokenizer.decode(next(trained)[:-1]).split(" ", 1)[0] for _ in range(200)}
+  assert len(seen) == 200 and not seen & set(names)
+  # A directory written before per-source sets (source 0's documents only,
+  # inputs without "first_files") is still read as it is.
+  old = tmp_path / "old"
+  shutil.copytree(out, old)
+  del manifest["sources"], manifest["inputs"]["first_files"]
+  manifest["documents"]["validation"] = counts[0]
+  manifest["shards"]["validation"] = ["validation-s0-00000.array_record"]
+  (old / "manifest.json").write_text(json.dumps(manifest))
+  assert streaming.ensure_heldout_dir(cfg, str(old)) == counts[0]
+  assert streaming.heldout_counts(prepare.load_manifest(str(old)), 2) == [counts[0], 0]
+  assert heldout_sets.make_eval_sets(str(old), 64, 8, 2, [0.7, 0.3]).suffixes == [""]
+  manifest["inputs"]["first_files"] = [corpus[0], "elsewhere.parquet"]  # another first file
+  (old / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(DataError, match="holds data of other inputs"):
+    streaming.ensure_heldout_dir(cfg, str(old))
   one = tmp_path / "one.jsonl"
   one.write_text(json.dumps({"text": "a single document"}) + "\n")
   cfg.data.input, cfg.data.weights = str(one), ""
@@ -208,6 +247,13 @@ def test_killed_streaming_run_resumes_bitwise(streaming_config, tmp_path):
   with open(os.path.join(whole, "metrics.jsonl")) as f:
     evals = [r for r in map(json.loads, f) if r["kind"] == "eval"]
   assert [r["step"] for r in evals] == [STEPS] and np.isfinite(evals[0]["ntp"])
+  # Both sources evaluated; the headline is their 0.7 / 0.3 mix, as `evaluate` says.
+  ev = evals[0]
+  assert ev["ntp"] == pytest.approx(0.7 * ev["ntp_s0"] + 0.3 * ev["ntp_s1"], rel=1e-6)
+  assert ev["tokens_s0"] > 0 and ev["tokens_s1"] > 0
+  cli = evaluate.evaluate_run(whole)
+  assert [cli["loss"], cli["ntp_s0"], cli["ntp_s1"]] == pytest.approx(
+      [ev["ntp"], ev["ntp_s0"], ev["ntp_s1"]], rel=1e-6)
   _, cfg, params = ckpt_lib.restore_params(whole)
   out = hf.export_from_params(params, cfg, str(tmp_path / "hf"), whole)
   assert os.path.isfile(os.path.join(out, "tokenizer.json"))

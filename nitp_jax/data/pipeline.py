@@ -343,7 +343,15 @@ def make_eval_batches(prepared_dir: str, seq_len: int, batch: int,
   local = readable_dir(prepared_dir)
   if not _has_validation(local):
     return []
-  docs = _documents(local, "validation")
+  return eval_batches_of(shard_paths(local, "validation"), seq_len, batch, num_batches)
+
+
+def eval_batches_of(paths: Sequence[str], seq_len: int, batch: int, num_batches: int
+                    ) -> list[Batch]:
+  """The first `num_batches` batches of the documents in shards `paths`, in
+  stored order (as `make_eval_batches`; per source: data.heldout_sets)."""
+  _check_positive(seq_len=seq_len, batch=batch, num_batches=num_batches)
+  docs = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths))).map(_decode)
   batched = _pack_and_batch(
       docs.to_iter_dataset(grain.ReadOptions(num_threads=0)), seq_len, batch)
   out = []

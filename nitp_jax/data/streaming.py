@@ -24,11 +24,16 @@ the next document) and `set_state` resumes to identical batches for the same
 arguments (process count and index, worker count).
 
 Held-out set (documents, not batches): the first documents of the first file
-of the first source, up to `train.eval_batches` full batches of tokens (never
-that file's last document), when `data.val_fraction` > 0. Training skips
-them. `ensure_heldout_dir` writes them as a small prepared-format directory
-(manifest, tokenizer copy, validation shard) so `evaluate`, `export.hf` and
-the eval tasks read a streaming run like a prepared one.
+of each source, up to `train.eval_batches` full batches of tokens per source
+(never that file's last document), when `data.val_fraction` > 0. Training
+skips them. `ensure_heldout_dir` writes them as a small prepared-format
+directory (manifest, tokenizer copy, validation shard) so `evaluate`,
+`export.hf` and the eval tasks read a streaming run like a prepared one. With
+several sources each source's documents are a validation shard of their own
+(`validation-s{i}-...`, listed per source in the manifest, as prepared
+mixtures have), so the run evaluates each source and weighs them by
+`data.weights` (nitp_jax.data.heldout_sets); a mixture's directory written
+before that (source 0's documents only) is still read as it is.
 """
 
 from __future__ import annotations
@@ -98,13 +103,14 @@ def run_sources(cfg: ml_collections.ConfigDict) -> list[list[str]]:
 
 
 def local_units(files: list[str], process_index: int, process_count: int,
-                heldout: int = 0) -> list[Unit]:
+                heldout: int | dict[str, int] = 0) -> list[Unit]:
   """This process's units of one source's files: files process_index,
   process_index + P, ... or, with fewer files than processes, parts of every
-  file. The first file skips its `heldout` leading documents."""
+  file. The first file skips its `heldout` leading documents (a dict: each
+  file named skips its count)."""
   parts = math.ceil(process_count / len(files))
-  units = [Unit(f, j, parts, heldout if i == 0 else 0)
-           for i, f in enumerate(files) for j in range(parts)]
+  skips = heldout if isinstance(heldout, dict) else {files[0]: heldout}
+  units = [Unit(f, j, parts, skips.get(f, 0)) for f in files for j in range(parts)]
   return units[process_index::process_count]
 
 
@@ -276,15 +282,18 @@ def _seed(seed: int, *path: int) -> int:
 def mixed_documents(sources: list[list[str]], tokenizer_path: str, seed: int,
                     process_index: int, process_count: int, *,
                     proportions: list[float] | None = None, text_field: str = "text",
-                    max_bad_fraction: float = 1.0, heldout: int = 0) -> grain.IterDataset:
+                    max_bad_fraction: float = 1.0,
+                    heldout: int | list[int] = 0) -> grain.IterDataset:
   """This process's token-id documents (int32, EOS last), infinite: each
   source's documents drawn in `proportions` (grain's deterministic mix); None
-  = the sources' files form one stream. The leading `heldout` documents of
-  sources[0][0] are skipped."""
+  = the sources' files form one stream. The leading heldout[i] documents of
+  each sources[i][0] are skipped (an int: those of sources[0][0])."""
+  counts = heldout if isinstance(heldout, list) else [heldout]
+  skips = {files[0]: n for files, n in zip(sources, counts)}
   groups = sources if proportions else [[f for files in sources for f in files]]
   streams = []
   for s, files in enumerate(groups):
-    units = local_units(files, process_index, process_count, heldout if s == 0 else 0)
+    units = local_units(files, process_index, process_count, skips)
     docs = _source_documents(units, text_field, max_bad_fraction,
                              _seed(seed, process_index, 2, s))
     streams.append(docs.map(_Tokenize(tokenizer_path)))
@@ -300,7 +309,7 @@ def document_proportions(weights: list[float], document_tokens: list[float]) -> 
 def make_train_dataset(sources: list[list[str]], tokenizer_path: str, seq_len: int,
                        global_batch: int, seed: int, *,
                        proportions: list[float] | None = None, text_field: str = "text",
-                       max_bad_fraction: float = 1.0, heldout: int = 0,
+                       max_bad_fraction: float = 1.0, heldout: int | list[int] = 0,
                        process_index: int | None = None,
                        process_count: int | None = None, worker_count: int = 0,
                        shuffle_window: int = 0) -> grain.IterDataset:
@@ -313,7 +322,8 @@ def make_train_dataset(sources: list[list[str]], tokenizer_path: str, seq_len: i
       the sources' files form one stream.
     max_bad_fraction: a file read to its end with more malformed records
       than this is a DataError.
-    heldout: leading documents of sources[0][0] held out (not trained on).
+    heldout: leading documents of each source's first file held out (not
+      trained on), per source (an int: of sources[0][0] only).
     Others as `pipeline.make_train_dataset`.
   """
   if process_index is None or process_count is None:
@@ -390,35 +400,43 @@ def _ensure_local_heldout(cfg: ml_collections.ConfigDict, tokenizer_path: str,
   inputs = {"format": FORMAT, "input": data_cfg.input, "text_field": data_cfg.text_field,
             "val_fraction": float(data_cfg.val_fraction), "first_file": sources[0][0],
             "tokenizer_sha256": tok_lib.sha256_file(tokenizer_path)}
-  existing = _existing_manifest(out_dir, inputs)
+  # Every source's first file holds documents out (and trains after them). A
+  # mixture's directory written before per-source sets (its inputs lack
+  # "first_files": source 0's only) is still read.
+  earlier = dict(inputs)
+  if len(sources) > 1:
+    inputs["first_files"] = [files[0] for files in sources]
+  existing = _existing_manifest(out_dir, inputs, earlier)
   if existing is not None:
     return existing
   # The first run sizes the set; runs sharing the directory (compare's arms) reuse it.
-  docs = (heldout_documents(sources[0][0], tokenizer, data_cfg.text_field,
-                            t.eval_batches * t.global_batch * t.seq_len)
-          if data_cfg.val_fraction > 0 else [])
-  if data_cfg.val_fraction > 0 and not docs:
-    raise DataError(f"{sources[0][0]} (the first file of {flag('data.input')}) has fewer "
-                    "than two documents, so nothing can be held out for evaluation: put a "
-                    "file with several documents first.")
+  specs = config_lib.data_sources(cfg)
+  held = [_source_heldout(files, spec, len(sources), tokenizer, data_cfg.text_field,
+                          t.eval_batches * t.global_batch * t.seq_len)
+          if data_cfg.val_fraction > 0 else [] for files, spec in zip(sources, specs)]
   document_tokens = [mean_document_tokens(files[0], tokenizer, data_cfg.text_field)
                      for files in sources]
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".heldout-", dir=parent)
   try:
-    writer = prepare._ShardWriter(tmp, "validation")  # pylint: disable=protected-access
-    for ids in docs:
-      writer.write(ids)
-    writer.close()
+    per_source = [_write_validation(tmp, docs, f"s{i}-" if len(held) > 1 else "")
+                  for i, docs in enumerate(held)]
     name = tokenizer.file_name
     tok_lib.copy_tokenizer(tokenizer_path, os.path.join(tmp, name))
+    sources_entry = ({"sources": [{"input": spec, "first_file": files[0], **counts}
+                                  for spec, files, counts in zip(specs, sources, per_source)]}
+                     if len(held) > 1 else {})
     write_json(os.path.join(tmp, MANIFEST), {
         "format_version": prepare.FORMAT_VERSION, "inputs": inputs, "streaming": True,
         "source": data_cfg.input,
-        "documents": {"train": None, "validation": len(docs)},
-        "tokens": {"train": None, "validation": int(sum(d.size for d in docs))},
-        "shards": {"train": [], "validation": writer.shards},
+        "documents": {"train": None,
+                      "validation": sum(c["documents"]["validation"] for c in per_source)},
+        "tokens": {"train": None,
+                   "validation": sum(c["tokens"]["validation"] for c in per_source)},
+        "shards": {"train": [], "validation": [n for c in per_source
+                                               for n in c["shards"]["validation"]]},
+        **sources_entry,
         "document_tokens": document_tokens,
         "tokenizer": {"file": name, "kind": tokenizer.kind,
                       "sha256": inputs["tokenizer_sha256"],
@@ -442,14 +460,50 @@ def _ensure_local_heldout(cfg: ml_collections.ConfigDict, tokenizer_path: str,
   return existing
 
 
-def _existing_manifest(out_dir: str, inputs: dict[str, Any]) -> dict[str, Any] | None:
-  """The manifest in out_dir when written from `inputs`; DataError when the
-  directory holds other data."""
+def _source_heldout(files: list[str], spec: str, num_sources: int,
+                    tokenizer: tok_lib.Tokenizer, text_field: str, max_tokens: int
+                    ) -> list[np.ndarray]:
+  """A source's held-out documents (`heldout_documents` of its first file);
+  DataError when that file has fewer than two documents."""
+  docs = heldout_documents(files[0], tokenizer, text_field, max_tokens)
+  if not docs:
+    which = (f"the first file of {flag('data.input')}" if num_sources == 1 else
+             f"the first file of the {flag('data.input')} source {spec!r}")
+    raise DataError(f"{files[0]} ({which}) has fewer than two documents, so nothing can be "
+                    "held out for evaluation: put a file with several documents first.")
+  return docs
+
+
+def _write_validation(directory: str, docs: list[np.ndarray], prefix: str
+                      ) -> dict[str, Any]:
+  """Write `docs` as validation shards named with `prefix`; their manifest
+  counts (documents, tokens, shards) in prepare's per-source shape."""
+  writer = prepare._ShardWriter(directory, "validation", prefix)  # pylint: disable=protected-access
+  for ids in docs:
+    writer.write(ids)
+  writer.close()
+  return {"documents": {"train": None, "validation": len(docs)},
+          "tokens": {"train": None, "validation": int(sum(d.size for d in docs))},
+          "shards": {"train": [], "validation": writer.shards}}
+
+
+def heldout_counts(manifest: dict[str, Any], num_sources: int) -> list[int]:
+  """Leading documents held out of each source's first file, from the
+  held-out manifest (one written before per-source sets: source 0's only)."""
+  if manifest.get("sources"):
+    return [src["documents"]["validation"] for src in manifest["sources"]]
+  return [manifest["documents"]["validation"]] + [0] * (num_sources - 1)
+
+
+def _existing_manifest(out_dir: str, inputs: dict[str, Any],
+                       earlier: dict[str, Any] | None = None) -> dict[str, Any] | None:
+  """The manifest in out_dir when written from `inputs` (or, by an earlier
+  version, from `earlier`); DataError when the directory holds other data."""
   path = os.path.join(out_dir, MANIFEST)
   if not os.path.isfile(path):
     return None
   manifest = prepare.load_manifest(out_dir)
-  if manifest.get("inputs") != inputs:
+  if manifest.get("inputs") not in (inputs, earlier or inputs):
     raise DataError(f"{out_dir!r} holds data of other inputs than this streaming run; use "
                     f"another {flag('data.prepared_dir')} or --workdir, or delete it.")
   return manifest
@@ -459,9 +513,11 @@ def report_lines(cfg: ml_collections.ConfigDict, data_dir: str) -> list[str]:
   """What a streaming run says about its data: sources, held-out set, mixture."""
   manifest = prepare.load_manifest(prepare.readable_dir(data_dir))
   specs, held = config_lib.data_sources(cfg), manifest["documents"]["validation"]
+  per_source = manifest.get("sources") or [{**manifest, **manifest["inputs"]}]
   lines = [f"streaming {len(specs)} source(s), tokenized on the fly; held out: "
-           + (f"the first {held} documents ({manifest['tokens']['validation']} tokens) of "
-              f"{manifest['inputs']['first_file']}" if held else
+           + ("; ".join(f"the first {src['documents']['validation']} documents "
+                        f"({src['tokens']['validation']} tokens) of {src['first_file']}"
+                        for src in per_source) if held else
               f"nothing ({flag('data.val_fraction')}=0), so there is no evaluation")]
   weights = config_lib.data_weights(cfg)
   if weights and len(weights) > 1:
@@ -484,5 +540,5 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, data_dir: str, seed: int
   return iter(make_train_dataset(
       run_sources(cfg), require_tokenizer(d), t.seq_len, t.global_batch, seed,
       proportions=proportions, text_field=d.text_field, max_bad_fraction=d.max_bad_fraction,
-      heldout=manifest["documents"]["validation"],
+      heldout=heldout_counts(manifest, len(config_lib.data_sources(cfg))),
       worker_count=d.worker_count, shuffle_window=d.shuffle_window))
