@@ -182,6 +182,8 @@ def test_held_out_plans_per_source_and_for_one_source_as_before():
   assert plans == heldout.plan_sources(counts, 0.05, 3)                     # seeded
   assert plans != heldout.plan_sources(counts, 0.05, 4)
   assert {p.mode for p in heldout.plan_sources(counts, 0.0, 3)} == {heldout.NONE}
+  empty = heldout.plan_sources([5, 0], 0.2, 3)  # its files all read by source 0
+  assert heldout.to_json(empty)["mode"] == heldout.DOCUMENTS and not empty[1].ids
 
 
 def test_weights_are_shares_of_tokens_deterministic_and_resumable(mixed_dir):

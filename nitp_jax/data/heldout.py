@@ -61,10 +61,13 @@ def plan_sources(num_docs: Sequence[int], val_fraction: float, seed: int
                  ) -> list[HeldOut]:
   """One plan per source, over that source's document indices: a single
   source is split as `plan` splits a corpus; several each hold out their own
-  share, chosen by a random stream of their own (the seed and the index)."""
+  share, chosen by a random stream of their own (the seed and the index). A
+  source without documents (its files all named by an earlier one) has none
+  to hold out, not tails."""
   if len(num_docs) == 1:
     return [plan(num_docs[0], val_fraction, seed)]
-  return [_plan(n, val_fraction, [seed, i]) for i, n in enumerate(num_docs)]
+  return [_plan(n, val_fraction, [seed, i]) if n or not val_fraction else
+          HeldOut(DOCUMENTS, float(val_fraction)) for i, n in enumerate(num_docs)]
 
 
 def _plan(num_docs: int, val_fraction: float, rng_seed: int | list[int]) -> HeldOut:
