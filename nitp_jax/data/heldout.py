@@ -110,8 +110,8 @@ def describe(manifest: dict[str, Any]) -> str:
             f"({tokens['validation']} tokens from {docs['validation']} of {corpus_docs} "
             f"document(s)), since {few} too few documents to hold out whole ones")
   else:
-    total = sum(_source_total(s, held["mode"]) for s in sources) if per_source else (
-        docs["train"] + docs["validation"])
+    total = (sum(_source_total(s, held["mode"]) for s in sources) if sources
+             else docs["train"] + docs["validation"])
     setting = f", {flag('data.val_fraction')}={fraction:g}" if fraction is not None else ""
     line = (f"held out: {docs['validation']} of {total} documents ({tokens['validation']} "
             f"tokens{setting})")
