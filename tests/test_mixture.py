@@ -119,7 +119,8 @@ def test_prepare_keeps_each_documents_source_and_the_unweighted_order(sources, m
   # The concatenated shards hold the documents in corpus order, as the single
   # shard sequence did before per-source shards, so the unweighted order is
   # unchanged: EOS appended once (not to records that end with it already).
-  val = heldout.plan(160, 0.05, 0).ids
+  plans = heldout.plan_sources([120, 40], 0.05, 0)  # each source split on its own
+  val = plans[0].ids | {120 + i for i in plans[1].ids}
   expected = [d if d[-1] == EOS else np.append(d, EOS)
               for i, d in enumerate(sources["a"] + sources["b"]) if i not in val]
   got = list(pipeline._documents(mixed_dir, "train"))  # pylint: disable=protected-access
@@ -128,6 +129,61 @@ def test_prepare_keeps_each_documents_source_and_the_unweighted_order(sources, m
                 for s in manifest["sources"]]
   assert per_source == [120, 40]
   assert sum(s["tokens"]["train"] for s in manifest["sources"]) == manifest["tokens"]["train"]
+
+
+def test_each_source_holds_out_its_own_share(sources, mixed_dir, tmp_path):
+  # The corpus-wide split gave source 1 one of 160 * 0.05 = 8 documents (7 + 1);
+  # per source it is max(1, round(n_i * 0.05)) of each.
+  assert sorted(heldout.plan(160, 0.05, 0).ids) == [20, 38, 43, 47, 59, 61, 70, 122]
+  manifest = prepare_lib.load_manifest(mixed_dir)
+  assert [s["documents"]["validation"] for s in manifest["sources"]] == [6, 2]
+  assert manifest["heldout"] == {"mode": heldout.DOCUMENTS, "val_fraction": 0.05}
+  # A tiny source gets one document, a single-document one its tails.
+  spec = []
+  for name, count in (("big", 40), ("tiny", 3), ("one", 1)):
+    (tmp_path / f"{name}.jsonl").write_text("".join(
+        json.dumps({"text": " ".join(f"w{(i * 7 + j) % 299 + 1}" for j in range(12))}) + "\n"
+        for i in range(count)))
+    spec.append(str(tmp_path / f"{name}.jsonl"))
+  out = str(tmp_path / "p")
+  m = prepare_lib.prepare(",".join(spec), out, VOCAB, tokenizer_path=sources["tokenizer"],
+                          val_fraction=0.05, seed=0, workers=1)
+  assert [s["documents"] for s in m["sources"]] == [
+      {"train": 38, "validation": 2}, {"train": 2, "validation": 1},
+      {"train": 1, "validation": 1}]
+  assert [s["heldout"]["mode"] for s in m["sources"]] == [heldout.DOCUMENTS] * 2 + [heldout.TAILS]
+  assert m["heldout"] == {"mode": heldout.MIXED, "val_fraction": 0.05}
+  assert m["sources"][2]["tokens"] == {"train": 11, "validation": 2}  # 12 words + EOS
+  assert prepare_lib.report_lines(out) == [
+      f"held out: 4 of 44 documents ({m['tokens']['validation']} tokens, "
+      f"--config.data.val_fraction=0.05); per source: {spec[0]} 2 of 40, {spec[1]} 1 of 3, "
+      f"{spec[2]} 1 of 1 (the last 5% of their tokens: too few documents to hold out "
+      "whole ones)"]
+  # A directory prepared before per-source splits is reused with its split.
+  old = {**m, "heldout": {"mode": heldout.DOCUMENTS, "val_fraction": 0.05},
+         "sources": [{k: v for k, v in s.items() if k != "heldout"} for s in m["sources"]]}
+  (tmp_path / "p" / "manifest.json").write_text(json.dumps(old))
+  assert prepare_lib.prepare(",".join(spec), out, VOCAB, tokenizer_path=sources["tokenizer"],
+                             val_fraction=0.05, seed=0, workers=1) == old
+  assert "; per source (split over the whole corpus; a new --config.data.prepared_dir " \
+         f"splits each source): {spec[0]} 2 of 40," in prepare_lib.report_lines(out)[0]
+
+
+def test_held_out_plans_per_source_and_for_one_source_as_before():
+  for n in (1, 2, 3, 19, 20, 21, 60, 1001):
+    assert heldout.plan_sources([n], 0.05, 3) == [heldout.plan(n, 0.05, 3)]
+    assert heldout.to_json([heldout.plan(n, 0.05, 3)]) == heldout.plan(n, 0.05, 3).to_json()
+  counts = [1, 2, 3, 19, 20, 31, 1001]
+  plans = heldout.plan_sources(counts, 0.05, 3)
+  assert [p.mode for p in plans] == [heldout.TAILS] + [heldout.DOCUMENTS] * 6
+  assert [len(p.ids) for p in plans[1:]] == [max(1, round(n * 0.05)) for n in counts[1:]]
+  assert all(max(p.ids) < n for p, n in zip(plans[1:], counts[1:]))
+  assert plans[5].ids != heldout.plan_sources([1001, 31], 0.05, 3)[1].ids  # own stream each
+  assert plans == heldout.plan_sources(counts, 0.05, 3)                     # seeded
+  assert plans != heldout.plan_sources(counts, 0.05, 4)
+  assert {p.mode for p in heldout.plan_sources(counts, 0.0, 3)} == {heldout.NONE}
+  empty = heldout.plan_sources([5, 0], 0.2, 3)  # its files all read by source 0
+  assert heldout.to_json(empty)["mode"] == heldout.DOCUMENTS and not empty[1].ids
 
 
 def test_weights_are_shares_of_tokens_deterministic_and_resumable(mixed_dir):
@@ -234,6 +290,8 @@ def test_a_weighted_run_logs_its_mixture_and_reads_it(sources, tmp_path, capsys)
   try:
     out = capsys.readouterr().out
     assert "data mixture (share of tokens): " in out
+    a, b = sources["spec"].split(",")
+    assert f"; per source: {a} 12 of 120, {b} 4 of 40" in out  # val_fraction 0.1
     assert ("held-out loss per source, combined into the headline: "
             f"{sources['spec'].split(',')[0]} -> ntp_s0 (1 batch(es), weight 0.800)") in out
     assert trainer.heldout.suffixes == ["_s0", "_s1"]

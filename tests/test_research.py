@@ -231,6 +231,37 @@ def test_seeded_runs_and_their_summary(prepared_dir, tmp_path):
     compare.plan_runs(cfg, str(tmp_path), [], seeds=0)
 
 
+def test_report_shows_each_sources_held_out_loss(tmp_path):
+  """A mixture's eval records carry ntp_s<i> (heldout_sets.combine): the
+  report gives each as a column and in report.json; one source, none."""
+  cfg = config_lib.base_config()
+  cfg.data.input = "web/,code/"
+  runs = []
+  for arm in ("ntp", "nitp"):
+    _write_metrics(tmp_path / arm, nitp=arm == "nitp")
+    with open(tmp_path / arm / "metrics.jsonl", "a") as f:
+      f.write(json.dumps({"step": 100, "kind": "eval", "ntp": 2.5, "ppl": math.exp(2.5),
+                          "ntp_s0": 2.0, "ntp_s1": 3.75 if arm == "nitp" else 3.5,
+                          "tokens_s0": 10.0, "nitp_s1": 0.5}) + "\n")
+    runs.append(compare.RunSpec(arm, cfg, arm, workdir=str(tmp_path / arm), arm=arm))
+  report = compare.write_report(str(tmp_path), runs, str(tmp_path / "compare.png"))
+  assert [(r["heldout_loss_s0"], r["heldout_loss_s1"]) for r in report["runs"]] == [
+      (2.0, 3.5), (2.0, 3.75)]
+  assert not any("tokens_s0" in r or "heldout_loss_s2" in r for r in report["runs"])
+  md = (tmp_path / "report.md").read_text()
+  assert "| held-out loss | held-out ppl | held-out s0 | held-out s1 | NITP loss |" in md
+  assert "| 2.5000 | 12.18 | 2.0000 | 3.7500 |" in md
+  assert "(s0 = web/, s1 = code/)" in md
+  assert json.loads((tmp_path / "report.json").read_text()) == report
+  single = [compare.RunSpec(r.arm, train_config("", steps=3), r.arm, arm=r.arm,
+                            workdir=str(tmp_path / f"one_{r.arm}")) for r in runs]
+  for r in single:
+    _write_metrics(tmp_path / f"one_{r.arm}", nitp=r.arm == "nitp")
+  one = compare.write_report(str(tmp_path), single, str(tmp_path / "compare.png"))
+  assert not any(k.startswith("heldout_loss_s") for r in one["runs"] for k in r)
+  assert "held-out s" not in (tmp_path / "report.md").read_text()
+
+
 def test_ablation_values_take_the_fields_type():
   cfg = config_lib.base_config()
   name, overrides = compare.parse_ablation(

@@ -25,7 +25,8 @@ Malformed records are skipped and counted (nitp_jax.data.bad_records): the
 count and the first locations are logged and kept in the manifest, and more
 than `max_bad_fraction` of all records is a DataError. What is held out is
 decided by nitp_jax.data.heldout (whole documents, or for a corpus with too
-few of them the tail of each) and said by the command (and by train).
+few of them the tail of each; with several sources, for each source on its
+own) and said by the command (and by train).
 
 Re-running with the same inputs is a no-op; different inputs on a complete
 directory are a DataError (use another directory or delete this one).
@@ -87,8 +88,9 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
     tokenizer_path: an existing SentencePiece model or tokenizer.json, local
       or gs:// ("" = train one).
     text_field: the jsonl field holding document text.
-    val_fraction: fraction of documents held out (at least one if > 0; with
-      too few documents, that fraction of each document's last tokens).
+    val_fraction: fraction of documents held out (at least one if > 0, of
+      each source when several; with too few documents, that fraction of each
+      document's last tokens).
     seed: selects the held-out documents and the tokenizer's training sample.
     workers: threads that tokenize in parallel.
     max_tokenizer_chars: size of the tokenizer's training sample.
@@ -114,7 +116,11 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
     return existing
   start = time.time()
   _clean(output_dir)
-  lengths = [len(doc) for doc in corpus]  # refuses too many malformed records
+  num_sources = len(_sources(input))
+  lengths, doc_sources = [], []
+  for doc in corpus:  # refuses too many malformed records
+    lengths.append(len(doc))
+    doc_sources.append(_source_index(corpus))
   if corpus.bad.count:
     logging.warning("%s: %s", corpus.name, corpus.bad.summary())
   model_path = os.path.join(output_dir, TOKENIZER)
@@ -136,15 +142,15 @@ def prepare(input: str, output_dir: str, vocab_size: int,  # pylint: disable=red
       raise DataError(_default_corpus_too_small(e)) from None
   tokenizer = tok_lib.load_tokenizer(model_path)
   tok_lib.check_fits(tokenizer.vocab_size, vocab_size)
-  held = heldout.plan(len(lengths), val_fraction, seed)
-  counts = _write_shards(corpus, tokenizer, held, output_dir, max(1, workers),
-                         len(_sources(input)))
+  plans = heldout.plan_sources(np.bincount(doc_sources, minlength=num_sources).tolist(),
+                               val_fraction, seed)
+  counts = _write_shards(corpus, tokenizer, plans, output_dir, max(1, workers))
   manifest = {
       "format_version": FORMAT_VERSION,
       "inputs": inputs,
       "source": corpus.name,
       **counts,
-      "heldout": held.to_json(),
+      "heldout": heldout.to_json(plans),
       **corpus.bad.to_json(),
       "empty_documents": corpus.empty_documents,
       "tokenizer": {
@@ -371,14 +377,18 @@ def _chunks(corpus: Corpus) -> Iterator[list[tuple[int, Any, Any]]]:
   """(source index, file, document) in corpus order, CHUNK_CHARS at a time."""
   chunk, size = [], 0
   for doc in corpus:
-    path = corpus.reading
-    chunk.append((corpus.source_of.get(str(path), 0), path, doc))
+    chunk.append((_source_index(corpus), corpus.reading, doc))
     size += len(doc)
     if size >= CHUNK_CHARS:
       yield chunk
       chunk, size = [], 0
   if chunk:
     yield chunk
+
+
+def _source_index(corpus: Corpus) -> int:
+  """The source of the document `corpus` just yielded."""
+  return corpus.source_of.get(str(corpus.reading), 0)
 
 
 def _encode(tokenizer: tok_lib.Tokenizer, chunk: list[tuple[int, Any, Any]],
@@ -424,19 +434,22 @@ class _ShardWriter:
       self._writer = None
 
 
-def _write_shards(corpus: Corpus, tokenizer: tok_lib.Tokenizer, held: heldout.HeldOut,
-                  output_dir: str, threads: int, num_sources: int = 1) -> dict[str, Any]:
+def _write_shards(corpus: Corpus, tokenizer: tok_lib.Tokenizer,
+                  plans: list[heldout.HeldOut], output_dir: str, threads: int
+                  ) -> dict[str, Any]:
   """Tokenize every document into its split's (and, with several sources,
-  its source's) shards; counts per split, and per source when several."""
+  its source's) shards, split by its source's plan (over the source's own
+  document indices); counts per split, and per source when several."""
+  num_sources = len(plans)
   prefix = (lambda i: f"s{i}-") if num_sources > 1 else (lambda i: "")
   writers = [{s: _ShardWriter(output_dir, s, prefix(i)) for s in SPLITS}
              for i in range(num_sources)]
-  index = 0
+  index = [0] * num_sources   # the next document's index within its source
   for chunk in _chunks(corpus):
     for (source, _, _), ids in zip(chunk, _encode(tokenizer, chunk, threads)):
-      for split, part in held.split(index, ids):
+      for split, part in plans[source].split(index[source], ids):
         writers[source][split].write(part)
-      index += 1
+      index[source] += 1
   for w in (w for ws in writers for w in ws.values()):
     w.close()
   counts = lambda ws: {
@@ -447,8 +460,8 @@ def _write_shards(corpus: Corpus, tokenizer: tok_lib.Tokenizer, held: heldout.He
   out = {key: {s: (sum if key != "shards" else _concat)(c[key][s] for c in per_source)
                for s in SPLITS} for key in ("documents", "tokens", "shards")}
   if num_sources > 1:
-    out["sources"] = [{"input": spec, **c}
-                      for spec, c in zip(_sources(corpus.name), per_source)]
+    out["sources"] = [{"input": spec, "heldout": plan.to_json(), **c}
+                      for spec, plan, c in zip(_sources(corpus.name), plans, per_source)]
   return out
 
 

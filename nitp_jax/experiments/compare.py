@@ -181,6 +181,7 @@ def final_metrics(run_dir: str) -> dict[str, Any]:
       "step": trains[-1]["step"] if trains else 0,
       "train_ntp": _mean_last([r["ntp"] for r in trains]),
       "heldout_loss": last_eval.get("ntp"), "heldout_ppl": last_eval.get("ppl"),
+      **_per_source_losses(last_eval),
       "heldout_tokens": last_eval.get("tokens"), "eval_step": last_eval.get("step"),
       "train_nitp": _mean_last([r.get("nitp") for r in trains]) if has_nitp else None,
       "heldout_nitp": last_eval.get("nitp"),
@@ -191,6 +192,17 @@ def final_metrics(run_dir: str) -> dict[str, Any]:
   }
 
 
+PER_SOURCE = re.compile(r"ntp_s(\d+)")   # a mixture's per-source eval keys
+PER_SOURCE_KEY = re.compile(r"heldout_loss_s(\d+)")   # their final_metrics keys
+
+
+def _per_source_losses(record: dict[str, Any]) -> dict[str, float]:
+  """`heldout_loss_s<i>`: each source's held-out loss of a mixture's eval
+  record (its `ntp_s<i>`, nitp_jax.data.heldout_sets), in source order."""
+  found = {int(m[1]): v for k, v in record.items() if (m := PER_SOURCE.fullmatch(k))}
+  return {f"heldout_loss_s{i}": found[i] for i in sorted(found)}
+
+
 COLUMNS = (("train NTP", "train_ntp", "{:.4f}"), ("held-out loss", "heldout_loss", "{:.4f}"),
            ("held-out ppl", "heldout_ppl", "{:.2f}"), ("NITP loss", "train_nitp", "{:.4f}"),
            ("erank last", "erank_last", "{:.1f}"), ("cos last", "cos_last", "{:.3f}"),
@@ -199,9 +211,14 @@ TASK_FORMAT = "{:.3f}"
 
 
 def _columns(rows: list[dict]) -> list[tuple[str, str, str]]:
-  """COLUMNS plus one per downstream task metric the runs logged."""
+  """COLUMNS with one per source's held-out loss after the held-out ones (a
+  mixture), plus one per downstream task metric the runs logged."""
+  sources = sorted({int(m[1]) for r in rows for k in r if (m := PER_SOURCE_KEY.fullmatch(k))})
   tasks = sorted({k for r in rows for k in r if k.endswith(("/acc", "/acc_norm"))})
-  return list(COLUMNS) + [(k, k, TASK_FORMAT) for k in tasks]
+  at = [c[1] for c in COLUMNS].index("heldout_ppl") + 1
+  return (list(COLUMNS[:at]) + [(f"held-out s{i}", f"heldout_loss_s{i}", "{:.4f}")
+                                for i in sources]
+          + list(COLUMNS[at:]) + [(k, k, TASK_FORMAT) for k in tasks])
 
 
 def _fmt(value: Any, fmt: str, std: float | None = None) -> str:
@@ -282,6 +299,17 @@ def seed_summary(rows: list[dict], runs: Sequence[RunSpec]) -> str:
           f"{', '.join(f'{d:+.4f}' for d in diffs)}. The mean difference is {verdict}.")
 
 
+def _per_source_note(rows: list[dict], runs: Sequence[RunSpec]) -> str:
+  """What the held-out s<i> columns are, when the runs logged them."""
+  if not any(PER_SOURCE_KEY.fullmatch(k) for r in rows for k in r):
+    return ""
+  specs = config_lib.data_sources(runs[0].cfg)
+  names = ", ".join(f"s{i} = {spec}" for i, spec in enumerate(specs))
+  return (f"held-out s<i>: the held-out loss on source i of data.input ({names}), of "
+          "which the held-out loss is the weighted mean (README: Held-out loss of a "
+          "mixture). ")
+
+
 def write_report(out_dir: str, runs: Sequence[RunSpec], figure: str) -> dict:
   """report.md and report.json in out_dir; returns the report dict."""
   rows = [{"run": r.name, "changes": r.changes, "workdir": r.workdir,
@@ -293,10 +321,11 @@ def write_report(out_dir: str, runs: Sequence[RunSpec], figure: str) -> dict:
            "steps; held-out loss / ppl: the last eval (validation split, token-weighted); "
            "erank / cos: effective rank and mean pairwise cosine of the last hidden states "
            "(target: the states after block k) on the held-out probe batch at the last "
-           "probe step; <task>/acc, /acc_norm: downstream accuracy at the last eval. All "
-           "runs: same prepared data" + (", data.seed and train.seed." if not several else
-           "; seed i shifts the data order and the init of every arm alike; ± is the "
-           "standard deviation over the seeds."))
+           "probe step; <task>/acc, /acc_norm: downstream accuracy at the last eval. " +
+           _per_source_note(rows, runs) + "All runs: same prepared data" +
+           (", data.seed and train.seed." if not several else
+            "; seed i shifts the data order and the init of every arm alike; ± is the "
+            "standard deviation over the seeds."))
   md = "\n\n".join(["# NTP vs NITP comparison", markdown_table(table), summary,
                     notes, f"![curves]({os.path.basename(figure)})"]) + "\n"
   with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
