@@ -12,7 +12,7 @@ step's fixed cost per block. 64 experts of 256x128, top-8, block 32, 2048
 tokens, fwd+bwd on 2-core XLA:CPU: this FFN alone (routing fixed) ran
 1.7-2.1x faster with 4 blocks a step than with 1; the whole MoE layer
 (routing, sort, gathers, shared expert) runs at 0.39-0.49x a dense SwiGLU
-of equal active FLOPs, 0.89-1.08x `gather` (benchmarks/moe_dispatch.py,
+of equal active FLOPs, 0.89-1.11x `gather` (benchmarks/moe_dispatch.py,
 CPU clock, varying by day). Profiled: the block matmuls are as fast per FLOP
 as the dense FFN's; the rest is per-step ops (weight gathers ~10%, slices,
 updates), zero-filled buffers and a mostly idle second core. One-expert
