@@ -157,3 +157,14 @@ def tensorboard_view(logdir: str, tag: str) -> list[tuple[int, float]]:
         if entry.get(1) == tag.encode():
           points.append((step, struct.unpack("<f", entry[2])[0]))
   return points
+
+
+def take(it, n: int) -> list:
+  """The next n items of an iterator."""
+  return [next(it) for _ in range(n)]
+
+
+def same_batches(a, b) -> bool:
+  """Two lists of batches (dicts of arrays) are equal, key by key."""
+  return len(a) == len(b) and all(
+      all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))

@@ -15,6 +15,7 @@ from nitp_jax.data import pipeline
 from nitp_jax.data import prepare as prepare_lib
 from nitp_jax.data import tokenizer as tok_lib
 from nitp_jax.data.corpus import DataError
+from tests.helpers import same_batches, take
 
 VOCAB = 400
 SEQ = 32
@@ -98,15 +99,6 @@ def _epoch(prepared_dir, seed=0, index=0, count=1, batch=4, **kw):
   it = pipeline.make_train_iterator(prepared_dir, SEQ, batch, seed, index,
                                     count, num_epochs=1, **kw)
   return list(it)
-
-
-def _take(it, n):
-  return [next(it) for _ in range(n)]
-
-
-def _same(a, b):
-  return len(a) == len(b) and all(
-      all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
 
 
 # Tokenizer -----------------------------------------------------------------
@@ -268,7 +260,7 @@ def test_two_processes_partition_each_epoch(prepared):
 
 
 def test_packing_keeps_documents_apart(prepared, tokenizer):
-  batches = _take(pipeline.make_train_iterator(prepared[0], SEQ, 4, 0, 0, 1),
+  batches = take(pipeline.make_train_iterator(prepared[0], SEQ, 4, 0, 0, 1),
                   40)
   eos, multi = tokenizer.eos_id, 0
   for b in batches:
@@ -293,9 +285,9 @@ def test_packing_keeps_documents_apart(prepared, tokenizer):
 def test_determinism_and_seed(prepared):
   out = prepared[0]
   make = lambda seed: pipeline.make_train_iterator(out, SEQ, 4, seed, 0, 1)
-  a, b, c = _take(make(0), 6), _take(make(0), 6), _take(make(1), 6)
-  assert _same(a, b)
-  assert not _same(a, c)
+  a, b, c = take(make(0), 6), take(make(0), 6), take(make(1), 6)
+  assert same_batches(a, b)
+  assert not same_batches(a, c)
 
 
 def test_each_epoch_is_a_new_partition_of_the_documents(prepared):
@@ -319,20 +311,20 @@ def test_training_data_runs_on_past_an_epoch(prepared):
   out = prepared[0]
   epoch = _epoch(out)
   it = pipeline.make_train_iterator(out, SEQ, 4, 0, 0, 1)
-  assert _same(_take(it, len(epoch) - 1), epoch[:-1])
-  for b in _take(it, 2 * len(epoch)):
+  assert same_batches(take(it, len(epoch) - 1), epoch[:-1])
+  for b in take(it, 2 * len(epoch)):
     assert np.mean(b["segment_ids"] > 0) > 0.5
 
 
 def test_iterator_state_restores_exactly(prepared):
   out = prepared[0]
   it = pipeline.make_train_iterator(out, SEQ, 4, 0, 0, 1)
-  _take(it, 7)
+  take(it, 7)
   state = json.loads(json.dumps(it.get_state()))
-  after = _take(it, 10)
+  after = take(it, 10)
   fresh = pipeline.make_train_iterator(out, SEQ, 4, 0, 0, 1)
   fresh.set_state(state)
-  assert _same(_take(fresh, 10), after)
+  assert same_batches(take(fresh, 10), after)
 
 
 def test_iterator_state_in_orbax_checkpoint(prepared, tmp_path):
@@ -340,23 +332,23 @@ def test_iterator_state_in_orbax_checkpoint(prepared, tmp_path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   out = prepared[0]
   it = pipeline.make_train_iterator(out, SEQ, 4, 0, 0, 1)
-  _take(it, 5)
+  take(it, 5)
   mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"))
   mngr.save(5, args=ocp.args.Composite(
       data=grain.checkpoint.CheckpointSave(it)))
   mngr.wait_until_finished()
-  after = _take(it, 6)
+  after = take(it, 6)
   fresh = pipeline.make_train_iterator(out, SEQ, 4, 0, 0, 1)
   mngr.restore(5, args=ocp.args.Composite(
       data=grain.checkpoint.CheckpointRestore(fresh)))
-  assert _same(_take(fresh, 6), after)
+  assert same_batches(take(fresh, 6), after)
   mngr.close()
 
 
 def test_eval_batches_are_fixed(prepared):
   a = pipeline.make_eval_batches(prepared[0], SEQ, 4, 2)
   b = pipeline.make_eval_batches(prepared[0], SEQ, 4, 2)
-  assert len(a) == 2 and _same(a, b)
+  assert len(a) == 2 and same_batches(a, b)
   assert a[0]["tokens"].shape == (4, SEQ)
 
 
@@ -372,13 +364,13 @@ def test_grain_worker_processes_are_deterministic_and_resumable(prepared):
   make = lambda: pipeline.make_train_iterator(out, SEQ, 4, 0, 0, 1,
                                               worker_count=2)
   it = make()
-  first = _take(it, 8)
+  first = take(it, 8)
   state = json.loads(json.dumps(it.get_state()))
-  after = _take(it, 4)
+  after = take(it, 4)
   again = make()
-  assert _same(_take(again, 12), first + after)
+  assert same_batches(take(again, 12), first + after)
   again.set_state(state)
-  assert _same(_take(again, 4), after)
+  assert same_batches(take(again, 4), after)
   epoch = _epoch(out, worker_count=2)
   assert collections.Counter(_batch_pieces(epoch)) == collections.Counter(
       _batch_pieces(_epoch(out)))
@@ -402,7 +394,7 @@ def test_piece_shuffle_mixes_documents_and_keeps_every_piece(prepared):
   # The same pieces, each once per epoch, packed into other batches.
   assert collections.Counter(_batch_pieces(shuffled)) == collections.Counter(
       _batch_pieces(ordered))
-  assert not _same(shuffled, ordered)
+  assert not same_batches(shuffled, ordered)
   before = np.mean(_documents_per_batch(ordered, docs))
   after = np.mean(_documents_per_batch(shuffled, docs))
   assert after > 1.5 * before, (before, after)
@@ -413,9 +405,9 @@ def test_piece_shuffle_resumes_exactly_mid_window(prepared):
   make = lambda: pipeline.make_train_iterator(out, SEQ, 4, 0, 0, 1, shuffle_window=16)
   for skip in (1, 5, 9):
     it = make()
-    _take(it, skip)
+    take(it, skip)
     state = json.loads(json.dumps(it.get_state()))
-    after = _take(it, 8)
+    after = take(it, 8)
     fresh = make()
     fresh.set_state(state)
-    assert _same(_take(fresh, 8), after), skip
+    assert same_batches(take(fresh, 8), after), skip

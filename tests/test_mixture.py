@@ -17,6 +17,7 @@ from nitp_jax.data import heldout, pipeline
 from nitp_jax.data import prepare as prepare_lib
 from nitp_jax.errors import DataError
 from tests.test_object_storage import BUCKET, emulator  # noqa: F401  # pylint: disable=unused-import
+from tests.helpers import same_batches, take
 
 VOCAB = 301            # "<|endoftext|>" = 0, then w1 ... w300
 EOS = 0
@@ -101,15 +102,6 @@ def _iterator(prepared, weights, seed=0, window=16):
                                       shuffle_window=window, weights=weights)
 
 
-def _take(it, n):
-  return [next(it) for _ in range(n)]
-
-
-def _same(a, b):
-  return len(a) == len(b) and all(
-      all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
-
-
 def test_prepare_keeps_each_documents_source_and_the_unweighted_order(sources, mixed_dir):
   manifest = prepare_lib.load_manifest(mixed_dir)
   assert [s["shards"]["train"] for s in manifest["sources"]] == [
@@ -187,7 +179,7 @@ def test_held_out_plans_per_source_and_for_one_source_as_before():
 
 
 def test_weights_are_shares_of_tokens_deterministic_and_resumable(mixed_dir):
-  batches = _take(_iterator(mixed_dir, [0.8, 0.2]), 80)
+  batches = take(_iterator(mixed_dir, [0.8, 0.2]), 80)
   # 80 batches = 10,240 token slots: ~390 source-0 and ~34 source-1 documents.
   # grain's interleave is exact up to its integer proportions (~1%); what is
   # left is the spread of the drawn documents' lengths around the manifest's
@@ -196,15 +188,15 @@ def test_weights_are_shares_of_tokens_deterministic_and_resumable(mixed_dir):
   # 150. Mixing documents (not tokens) 0.8/0.2 would give a share near 0.57.
   share = _token_shares(batches)
   assert abs(share - 0.8) < 0.02, share
-  assert abs(_token_shares(_take(_iterator(mixed_dir, [0.5, 0.5]), 60)) - 0.5) < 0.02
-  assert _same(_take(_iterator(mixed_dir, [0.8, 0.2]), 20), batches[:20])  # same seed
-  assert not _same(_take(_iterator(mixed_dir, [0.8, 0.2], seed=1), 20), batches[:20])
+  assert abs(_token_shares(take(_iterator(mixed_dir, [0.5, 0.5]), 60)) - 0.5) < 0.02
+  assert same_batches(take(_iterator(mixed_dir, [0.8, 0.2]), 20), batches[:20])  # same seed
+  assert not same_batches(take(_iterator(mixed_dir, [0.8, 0.2], seed=1), 20), batches[:20])
   it = _iterator(mixed_dir, [0.8, 0.2])
-  _take(it, 7)
+  take(it, 7)
   state = json.loads(json.dumps(it.get_state()))
   resumed = _iterator(mixed_dir, [0.8, 0.2])
   resumed.set_state(state)
-  assert _same(_take(resumed, 10), batches[7:17])
+  assert same_batches(take(resumed, 10), batches[7:17])
   assert "a -> 0.800 (" in pipeline.describe_mixture(mixed_dir, [0.8, 0.2])
 
 
@@ -220,7 +212,7 @@ def test_weights_need_a_directory_prepared_per_source(mixed_dir, tmp_path):
   assert next(_iterator(str(old), None))["tokens"].shape == (BATCH, SEQ)  # still loads
   from nitp_jax.data import heldout_sets  # pylint: disable=import-outside-toplevel
   one = heldout_sets.make_eval_sets(str(old), SEQ, BATCH, 2, [0.8, 0.2])  # one set, as before
-  assert one.suffixes == [""] and _same(one.batches[0],
+  assert one.suffixes == [""] and same_batches(one.batches[0],
                                         pipeline.make_eval_batches(str(old), SEQ, BATCH, 2))
   with pytest.raises(DataError, match="not prepared per source.*data.prepared_dir"):
     _iterator(str(old), [0.8, 0.2])
@@ -299,7 +291,7 @@ def test_a_weighted_run_logs_its_mixture_and_reads_it(sources, tmp_path, capsys)
     expected = pipeline.make_train_iterator(
         trainer.data_dir, t.seq_len, t.global_batch, cfg.data.seed, 0, 1,
         shuffle_window=cfg.data.shuffle_window, weights=[0.8, 0.2])
-    assert _same(_take(trainer.train_iter, 3), _take(expected, 3))
+    assert same_batches(take(trainer.train_iter, 3), take(expected, 3))
   finally:
     trainer.close()
 
