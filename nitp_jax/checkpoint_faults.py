@@ -43,6 +43,7 @@ import logging as py_logging
 import os
 import re
 import sys
+import warnings
 from typing import Iterator
 
 from etils import epath
@@ -199,5 +200,11 @@ def quiet_failed_save_noise() -> None:
 
 def collect_orphaned_writes() -> None:
   """Finalize now, while the filters are installed, the coroutines and
-  futures a failed save orphaned (else they print at interpreter exit)."""
+  futures a failed save orphaned (else they print at interpreter exit).
+  Writes that Orbax had not started when the loop closed may stay referenced
+  until exit and then warn "coroutine ... was never awaited": after a failed
+  save that warning says nothing the one-line error does not, so it is
+  ignored from here on (the run is about to stop)."""
+  warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited",
+                          category=RuntimeWarning)
   gc.collect()
