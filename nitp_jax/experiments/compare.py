@@ -318,7 +318,8 @@ def write_report(out_dir: str, runs: Sequence[RunSpec], figure: str) -> dict:
   table = aggregate(rows, runs) if several else rows
   summary = seed_summary(rows, runs) if several else summary_line(rows)
   notes = (f"train NTP / NITP loss: mean over the last {LAST_FRACTION:.0%} of logged training "
-           "steps; held-out loss / ppl: the last eval (validation split, token-weighted); "
+           "steps; held-out loss / ppl: the last eval (per token of the validation split; "
+           "a mixture's is the weighted mean over its sources); "
            "erank / cos: effective rank and mean pairwise cosine of the last hidden states "
            "(target: the states after block k) on the held-out probe batch at the last "
            "probe step; <task>/acc, /acc_norm: downstream accuracy at the last eval. " +
