@@ -103,6 +103,8 @@ def _check_remote_workdir(workdir: str) -> str:
   try:
     storage.write_text(probe, "")
     storage.remove(probe)
+  except errors.StorageError:  # refused, or GCS failing: its line says what to do
+    raise
   except Exception as e:  # pylint: disable=broad-except  # gcsfs: OSError, HttpError, ...
     raise ConfigError(f"--workdir={workdir} is not writable ({type(e).__name__}: "
                       f"{errors.one_line(e)[:200]}): pass a bucket path your credentials "

@@ -132,3 +132,28 @@ def test_a_run_whose_reads_fail_stops_in_one_line_and_resumes(gs_corpus, proxy, 
   proxy.clear()
   rc, out, err = _finish(_train(str(config_file), workdir, env))
   assert rc == 0 and f"done: step {GS_STEPS}" in out and "resuming from step" in out, err[-3000:]
+
+
+def test_a_refused_checkpoint_save_is_one_line(proxy, tmp_path):  # pylint: disable=redefined-outer-name
+  """Orbax's writes to gs:// refused: checkpoint.py's one line of a failed
+  save, even though listing the checkpoints fails too."""
+  import grain  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from nitp_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from tests.conftest import train_config  # pylint: disable=import-outside-toplevel
+  ckpt = checkpoint.Checkpointer(f"gs://{BUCKET}/faults/run", keep=2)
+  data = iter(grain.MapDataset.range(4).to_iter_dataset())
+  state, cfg = {"w": jnp.ones((2, 2))}, train_config(str(tmp_path))
+  ckpt.save(1, state, data, cfg)
+  ckpt.wait()
+  proxy.fail(403, "")
+  with pytest.raises(errors.CheckpointError) as e:
+    ckpt.save(2, state, data, cfg)
+    ckpt.wait()
+  proxy.clear()
+  ckpt.close()
+  message = str(e.value)
+  assert message.startswith("saving the checkpoint of step 2 failed: HTTP 403: "), message
+  assert "credentials may write there, then rerun the same command" in message, message
+  assert "\n" not in message
+
