@@ -14,7 +14,7 @@ cache (`cache_dir`).
 A gs:// request that still fails after gcsfs's own retries (HTTP 5xx, 408,
 429; a dropped connection; a timeout), or that is refused (401, 403, expired
 credentials), raises a StorageError of one line naming the path, the cause
-and what to do (`failure`), from every function here that talks to GCS and
+and what to do (`remote_failures`), from every function here that talks to GCS and
 from reads of `open_binary`'s file. gcsfs's own log of such an error (a
 traceback at ERROR) is dropped: the error reaches the caller, which reports it.
 
@@ -24,7 +24,6 @@ TENSORSTORE_GCS_HTTP_URL (Orbax's tensorstore) both at its http://HOST:PORT.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -101,7 +100,7 @@ def _quiet_reported_failures() -> None:
 
 
 @contextlib.contextmanager
-def _request(path: str, action: str = "reading") -> Iterator[None]:
+def _failures_as_errors(path: str, action: str = "reading") -> Iterator[None]:
   """Turn a gs:// request that failed for good into a one-line StorageError
   (remote_failures); other errors pass unchanged."""
   try:
@@ -114,18 +113,18 @@ def _request(path: str, action: str = "reading") -> Iterator[None]:
 
 
 class _RemoteFile:
-  """A gcsfs file whose reads fail with `_request`'s StorageError (pyarrow
-  passes a Python exception from `read` through unchanged)."""
+  """A gcsfs file whose reads raise `_failures_as_errors`'s StorageError
+  (pyarrow passes a Python exception from `read` through unchanged)."""
 
   def __init__(self, f, path: str):
     self._f, self._path = f, path
 
   def read(self, *args) -> bytes:
-    with _request(self._path):
+    with _failures_as_errors(self._path):
       return self._f.read(*args)
 
   def seek(self, *args) -> int:
-    with _request(self._path):
+    with _failures_as_errors(self._path):
       return self._f.seek(*args)
 
   def __getattr__(self, name: str) -> Any:
@@ -156,21 +155,21 @@ def _epath(path: str):
 def exists(path: str) -> bool:
   if not is_remote(path):
     return os.path.exists(path)
-  with _request(path):
+  with _failures_as_errors(path):
     return _epath(path).exists()
 
 
 def isdir(path: str) -> bool:
   if not is_remote(path):
     return os.path.isdir(path)
-  with _request(path):
+  with _failures_as_errors(path):
     return _epath(path).is_dir()
 
 
 def isfile(path: str) -> bool:
   if not is_remote(path):
     return os.path.isfile(path)
-  with _request(path):
+  with _failures_as_errors(path):
     return _epath(path).is_file()
 
 
@@ -178,7 +177,7 @@ def size(path: str) -> int:
   """A file's size in bytes."""
   if not is_remote(path):
     return os.path.getsize(path)
-  with _request(path):
+  with _failures_as_errors(path):
     return _fs().size(path)
 
 
@@ -186,7 +185,7 @@ def glob(pattern: str) -> list[str]:
   if not is_remote(pattern):
     import glob as glob_lib  # pylint: disable=import-outside-toplevel
     return glob_lib.glob(pattern)
-  with _request(pattern, "listing"):
+  with _failures_as_errors(pattern, "listing"):
     return ["gs://" + p for p in _fs().glob(pattern)]
 
 
@@ -197,7 +196,7 @@ def open_binary(path: str):
   pending prefetch task behind)."""
   if not is_remote(path):
     return open(path, "rb")
-  with _request(path):
+  with _failures_as_errors(path):
     return _RemoteFile(_fs().open(path, "rb", cache_type="none"), path)
 
 
@@ -210,7 +209,7 @@ def makedirs(path: str) -> None:
 
 def read_text(path: str) -> str:
   if is_remote(path):
-    with _request(path):
+    with _failures_as_errors(path):
       return _epath(path).read_text(encoding="utf-8")
   with open(path, encoding="utf-8") as f:
     return f.read()
@@ -218,7 +217,7 @@ def read_text(path: str) -> str:
 
 def read_bytes(path: str) -> bytes:
   if is_remote(path):
-    with _request(path):
+    with _failures_as_errors(path):
       return _fs().cat_file(path)
   with open(path, "rb") as f:
     return f.read()
@@ -229,7 +228,7 @@ def write_text(path: str, text: str) -> None:
   (Locally through a temporary file and a rename; an object always appears
   whole.)"""
   if is_remote(path):
-    with _request(path, "writing"):
+    with _failures_as_errors(path, "writing"):
       _epath(path).write_text(text, encoding="utf-8")
     return
   tmp = path + ".tmp"
@@ -240,7 +239,7 @@ def write_text(path: str, text: str) -> None:
 
 def remove(path: str) -> None:
   if is_remote(path):
-    with _request(path, "deleting"):
+    with _failures_as_errors(path, "deleting"):
       _fs().rm_file(path)
   else:
     os.remove(path)
@@ -248,7 +247,7 @@ def remove(path: str) -> None:
 
 def upload(local_path: str, remote_path: str) -> None:
   """Copy a local file to an object (replacing it whole)."""
-  with _request(remote_path, "writing"):
+  with _failures_as_errors(remote_path, "writing"):
     _fs().put_file(local_path, remote_path)
 
 
@@ -258,7 +257,7 @@ def download(remote_path: str, local_path: str) -> None:
   os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
   tmp = f"{local_path}.download-{os.getpid()}"
   try:
-    with _request(remote_path):
+    with _failures_as_errors(remote_path):
       _fs().get_file(remote_path, tmp)
     os.replace(tmp, local_path)
   finally:
@@ -373,6 +372,8 @@ def _probe(path: str) -> None:
     raise StorageError(f"bucket gs://{bucket} does not exist: create it (gcloud storage "
                        f"buckets create gs://{bucket}) or fix the path {path}") from e
   except Exception as e:  # pylint: disable=broad-except  # 401/403, connection errors
+    if (remote_failures.classify(e) or ("",))[0] == remote_failures.TRANSIENT:
+      raise remote_failures.as_storage_error(e, f"gs://{bucket}", "listing") from e
     raise StorageError(f"cannot use {path} ({type(e).__name__}: {errors.one_line(e)[:200]}): "
                        "check the bucket name and that your credentials may read and write "
                        "it") from e
