@@ -284,12 +284,21 @@ def cache_dir(remote_path: str) -> str:
   return os.path.join(root, scheme, *rest.split("/"))
 
 
+_copied: dict[str, Any] = {}  # gs:// path -> the generation this process downloaded
+
+
 def local_copy(path: str) -> str:
-  """A local path to read `path` from: itself, or (remote) its cached download."""
+  """A local path to read `path` from: itself, or (remote) its cached
+  download, fetched once per process and object generation (a run asks for
+  its tokenizer several times as it starts)."""
   if not is_remote(path):
     return path
   local = cache_dir(path)
-  download(path, local)
+  with _failures_as_errors(path):
+    generation = _fs().info(path).get("generation")
+  if generation is None or _copied.get(path) != generation or not os.path.isfile(local):
+    download(path, local)
+    _copied[path] = generation
   return local
 
 

@@ -132,6 +132,7 @@ def test_a_run_whose_reads_fail_stops_in_one_line_and_resumes(gs_corpus, proxy, 
   proxy.clear()
   rc, out, err = _finish(_train(str(config_file), workdir, env))
   assert rc == 0 and f"done: step {GS_STEPS}" in out and "resuming from step" in out, err[-3000:]
+  assert proxy.count("GET", "streaming/tokenizer.model?alt=media") == 2  # once per run
 
 
 def test_a_refused_checkpoint_save_is_one_line(proxy, tmp_path):  # pylint: disable=redefined-outer-name
@@ -157,3 +158,16 @@ def test_a_refused_checkpoint_save_is_one_line(proxy, tmp_path):  # pylint: disa
   assert "credentials may write there, then rerun the same command" in message, message
   assert "\n" not in message
 
+
+def test_a_gs_tokenizer_is_downloaded_once_per_generation(proxy, tokenizer_path):  # pylint: disable=redefined-outer-name
+  """A streaming run asks for its gs:// tokenizer several times as it starts
+  (held-out set, train iterator): one download, until the object changes."""
+  from nitp_jax.data import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
+  path = f"gs://{BUCKET}/faults/tokenizer.model"
+  storage.upload(tokenizer_path, path)
+  downloads = lambda: proxy.count("GET", "faults/tokenizer.model?alt=media")
+  local = tok_lib.local_tokenizer(path)
+  assert tok_lib.local_tokenizer(path) == local and downloads() == 1
+  storage.upload(tokenizer_path, path)  # the same bytes, a new generation
+  assert tok_lib.local_tokenizer(path) == local and downloads() == 2
+  assert tok_lib.load_tokenizer(local).vocab_size > 0
