@@ -19,6 +19,7 @@ from absl import logging
 from nitp_jax import checkpoint_faults
 from nitp_jax import errors
 from nitp_jax import layout
+from nitp_jax import remote_failures
 from nitp_jax import storage
 from nitp_jax.errors import CheckpointError
 
@@ -200,16 +201,25 @@ class Checkpointer:
     if jax.process_index() == 0:
       try:
         checkpoint_faults.remove_partial_save(self.directory, step)
-      except OSError as e:
-        logging.warning("could not remove the partial checkpoint of step %s: %s", step, e)
-    self._manager.reload()
-    good = [s for s in self.steps() if s < step]
-    last = (f"the last good checkpoint is step {good[-1]} in {self.directory}" if good else
-            f"there is no good checkpoint in {self.directory} yet (a rerun starts from step 0)")
+      except Exception as e:  # pylint: disable=broad-except  # OSError, gcsfs HttpError, ...
+        logging.warning("could not remove the partial checkpoint of step %s: %s", step,
+                        errors.one_line(e))
+    try:
+      self._manager.reload()
+      good = [s for s in self.steps() if s < step]
+      last = (f"the last good checkpoint is step {good[-1]} in {self.directory}" if good else
+              f"there is no good checkpoint in {self.directory} yet (a rerun starts from step 0)")
+    except Exception as e:  # pylint: disable=broad-except  # the storage itself is failing
+      error = e if remote_failures.classify(e) else error
+      last = f"its checkpoints in {self.directory} cannot be listed now"
+    remote = storage.is_remote(self.directory)
+    fix = ("Check that GCS is reachable and that your credentials may write there, then" if
+           remote else "Free space (or raise the quota or file-size limit) and")
+    cause = (remote_failures.classify(error) or ("", ""))[1]  # a gs:// request's, in words
     return CheckpointError(
         f"saving the checkpoint of step {step} failed: "
-        f"{checkpoint_faults.save_failure_cause(error)}; {last}. Free space (or raise the "
-        "quota or file-size limit) and rerun the same command to resume.")
+        f"{cause or checkpoint_faults.save_failure_cause(error)}; {last}. {fix} rerun the same "
+        "command to resume.")
 
   def close(self) -> None:
     self._manager.close()

@@ -32,7 +32,8 @@ class CheckpointError(UserError, RuntimeError):
 
 class StorageError(UserError, OSError):
   """A storage location (gs://...) this machine cannot use: scheme, package,
-  credentials or bucket; the message says what to install or set."""
+  credentials or bucket; or a request to it that failed for good (refused,
+  or failing after retries). The message says what to install, set or do."""
 
 
 class LaunchError(UserError, ValueError):

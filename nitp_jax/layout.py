@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 
 from nitp_jax import errors
+from nitp_jax import remote_failures
 from nitp_jax import storage
 from nitp_jax.errors import ConfigError
 
@@ -104,8 +105,11 @@ def _check_remote_workdir(workdir: str) -> str:
     storage.write_text(probe, "")
     storage.remove(probe)
   except Exception as e:  # pylint: disable=broad-except  # gcsfs: OSError, HttpError, ...
-    raise ConfigError(f"--workdir={workdir} is not writable ({type(e).__name__}: "
-                      f"{errors.one_line(e)[:200]}): pass a bucket path your credentials "
+    cause = e.__cause__ if isinstance(e, errors.StorageError) and e.__cause__ else e
+    if (remote_failures.classify(cause) or ("",))[0] == remote_failures.TRANSIENT:
+      raise  # GCS failing, not this path: storage's line says to rerun
+    raise ConfigError(f"--workdir={workdir} is not writable ({type(cause).__name__}: "
+                      f"{errors.one_line(cause)[:200]}): pass a bucket path your credentials "
                       "may write to") from e
   return path
 

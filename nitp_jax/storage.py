@@ -11,6 +11,13 @@ append (metrics.jsonl, TensorBoard) stage locally and upload whole files; data
 that a library cannot read remotely (ArrayRecord shards) is copied to a local
 cache (`cache_dir`).
 
+A gs:// request that still fails after gcsfs's own retries (HTTP 5xx, 408,
+429; a dropped connection; a timeout), or that is refused (401, 403, expired
+credentials), raises a StorageError of one line naming the path, the cause
+and what to do (`remote_failures`), from every function here that talks to GCS and
+from reads of `open_binary`'s file. gcsfs's own log of such an error (a
+traceback at ERROR) is dropped: the error reaches the caller, which reports it.
+
 Emulator (tests, local trials): STORAGE_EMULATOR_HOST (gcsfs) and
 TENSORSTORE_GCS_HTTP_URL (Orbax's tensorstore) both at its http://HOST:PORT.
 """
@@ -21,9 +28,10 @@ import contextlib
 import logging
 import os
 import posixpath
-from typing import Iterator
+from typing import Any, Iterator
 
 from nitp_jax import errors
+from nitp_jax import remote_failures
 from nitp_jax.errors import StorageError
 
 GCSFS_VERSION = "2026.10.1"  # requirements.txt
@@ -64,7 +72,69 @@ def _gcsfs():
   if os.environ.get("STORAGE_EMULATOR_HOST"):
     options["token"] = "anon"
   fsspec.config.conf.setdefault("gs", {}).update(options)
+  _quiet_reported_failures()
   return gcsfs
+
+
+class _ReportedFailureFilter(logging.Filter):
+  """Drops gcsfs's ERROR record (with its traceback) of a request that failed
+  for good: the exception reaches our caller, which reports it in one line.
+  Kept when absl logs at DEBUG."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info is None or logging.getLogger("absl").isEnabledFor(logging.DEBUG):
+      return True
+    message = record.getMessage()
+    return not ("out of retries on exception" in message or
+                "non-retriable exception" in message)
+
+
+_filter_installed = False
+
+
+def _quiet_reported_failures() -> None:
+  global _filter_installed
+  if not _filter_installed:
+    logging.getLogger("gcsfs").addFilter(_ReportedFailureFilter())
+    _filter_installed = True
+
+
+@contextlib.contextmanager
+def _failures_as_errors(path: str, action: str = "reading") -> Iterator[None]:
+  """Turn a gs:// request that failed for good into a one-line StorageError
+  (remote_failures); other errors pass unchanged."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except  # classified, else re-raised
+    failed = remote_failures.as_storage_error(e, path, action)
+    if failed is None or failed is e:
+      raise
+    raise failed from e
+
+
+class _RemoteFile:
+  """A gcsfs file whose reads raise `_failures_as_errors`'s StorageError
+  (pyarrow passes a Python exception from `read` through unchanged)."""
+
+  def __init__(self, f, path: str):
+    self._f, self._path = f, path
+
+  def read(self, *args) -> bytes:
+    with _failures_as_errors(self._path):
+      return self._f.read(*args)
+
+  def seek(self, *args) -> int:
+    with _failures_as_errors(self._path):
+      return self._f.seek(*args)
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._f, name)
+
+  def __enter__(self) -> "_RemoteFile":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._f.close()
 
 
 def _fs():
@@ -83,22 +153,40 @@ def _epath(path: str):
 
 
 def exists(path: str) -> bool:
-  return _epath(path).exists() if is_remote(path) else os.path.exists(path)
+  if not is_remote(path):
+    return os.path.exists(path)
+  with _failures_as_errors(path):
+    return _epath(path).exists()
 
 
 def isdir(path: str) -> bool:
-  return _epath(path).is_dir() if is_remote(path) else os.path.isdir(path)
+  if not is_remote(path):
+    return os.path.isdir(path)
+  with _failures_as_errors(path):
+    return _epath(path).is_dir()
 
 
 def isfile(path: str) -> bool:
-  return _epath(path).is_file() if is_remote(path) else os.path.isfile(path)
+  if not is_remote(path):
+    return os.path.isfile(path)
+  with _failures_as_errors(path):
+    return _epath(path).is_file()
+
+
+def size(path: str) -> int:
+  """A file's size in bytes."""
+  if not is_remote(path):
+    return os.path.getsize(path)
+  with _failures_as_errors(path):
+    return _fs().size(path)
 
 
 def glob(pattern: str) -> list[str]:
   if not is_remote(pattern):
     import glob as glob_lib  # pylint: disable=import-outside-toplevel
     return glob_lib.glob(pattern)
-  return ["gs://" + p for p in _fs().glob(pattern)]
+  with _failures_as_errors(pattern, "listing"):
+    return ["gs://" + p for p in _fs().glob(pattern)]
 
 
 def open_binary(path: str):
@@ -106,7 +194,10 @@ def open_binary(path: str):
   ranges read, no read-ahead (a Parquet reader fetches only the footer and
   the row groups it reads; fsspec's default read-ahead cache also leaves a
   pending prefetch task behind)."""
-  return _fs().open(path, "rb", cache_type="none") if is_remote(path) else open(path, "rb")
+  if not is_remote(path):
+    return open(path, "rb")
+  with _failures_as_errors(path):
+    return _RemoteFile(_fs().open(path, "rb", cache_type="none"), path)
 
 
 def makedirs(path: str) -> None:
@@ -118,8 +209,17 @@ def makedirs(path: str) -> None:
 
 def read_text(path: str) -> str:
   if is_remote(path):
-    return _epath(path).read_text(encoding="utf-8")
+    with _failures_as_errors(path):
+      return _epath(path).read_text(encoding="utf-8")
   with open(path, encoding="utf-8") as f:
+    return f.read()
+
+
+def read_bytes(path: str) -> bytes:
+  if is_remote(path):
+    with _failures_as_errors(path):
+      return _fs().cat_file(path)
+  with open(path, "rb") as f:
     return f.read()
 
 
@@ -128,7 +228,8 @@ def write_text(path: str, text: str) -> None:
   (Locally through a temporary file and a rename; an object always appears
   whole.)"""
   if is_remote(path):
-    _epath(path).write_text(text, encoding="utf-8")
+    with _failures_as_errors(path, "writing"):
+      _epath(path).write_text(text, encoding="utf-8")
     return
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
@@ -138,14 +239,16 @@ def write_text(path: str, text: str) -> None:
 
 def remove(path: str) -> None:
   if is_remote(path):
-    _fs().rm_file(path)
+    with _failures_as_errors(path, "deleting"):
+      _fs().rm_file(path)
   else:
     os.remove(path)
 
 
 def upload(local_path: str, remote_path: str) -> None:
   """Copy a local file to an object (replacing it whole)."""
-  _fs().put_file(local_path, remote_path)
+  with _failures_as_errors(remote_path, "writing"):
+    _fs().put_file(local_path, remote_path)
 
 
 def download(remote_path: str, local_path: str) -> None:
@@ -154,7 +257,8 @@ def download(remote_path: str, local_path: str) -> None:
   os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
   tmp = f"{local_path}.download-{os.getpid()}"
   try:
-    _fs().get_file(remote_path, tmp)
+    with _failures_as_errors(remote_path):
+      _fs().get_file(remote_path, tmp)
     os.replace(tmp, local_path)
   finally:
     if os.path.exists(tmp):
@@ -180,12 +284,21 @@ def cache_dir(remote_path: str) -> str:
   return os.path.join(root, scheme, *rest.split("/"))
 
 
+_copied: dict[str, Any] = {}  # gs:// path -> the generation this process downloaded
+
+
 def local_copy(path: str) -> str:
-  """A local path to read `path` from: itself, or (remote) its cached download."""
+  """A local path to read `path` from: itself, or (remote) its cached
+  download, fetched once per process and object generation (a run asks for
+  its tokenizer several times as it starts)."""
   if not is_remote(path):
     return path
   local = cache_dir(path)
-  download(path, local)
+  with _failures_as_errors(path):
+    generation = _fs().info(path).get("generation")
+  if generation is None or _copied.get(path) != generation or not os.path.isfile(local):
+    download(path, local)
+    _copied[path] = generation
   return local
 
 
@@ -268,6 +381,8 @@ def _probe(path: str) -> None:
     raise StorageError(f"bucket gs://{bucket} does not exist: create it (gcloud storage "
                        f"buckets create gs://{bucket}) or fix the path {path}") from e
   except Exception as e:  # pylint: disable=broad-except  # 401/403, connection errors
+    if (remote_failures.classify(e) or ("",))[0] == remote_failures.TRANSIENT:
+      raise remote_failures.as_storage_error(e, f"gs://{bucket}", "listing") from e
     raise StorageError(f"cannot use {path} ({type(e).__name__}: {errors.one_line(e)[:200]}): "
                        "check the bucket name and that your credentials may read and write "
                        "it") from e

@@ -45,6 +45,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from nitp_jax import remote_failures
 from nitp_jax.errors import ConfigError
 
 LOCK_FILE = "lock.json"
@@ -314,7 +315,7 @@ class WorkdirLock:
     try:
       if (self._read() or {}).get("token") == self.token:
         self.path.unlink(missing_ok=True)
-    except OSError as e:
+    except Exception as e:  # pylint: disable=broad-except  # OSError; gs://: gcsfs HttpError, ...
       logging.warning("could not remove the lock %s: %s; delete it by hand", self.path, e)
 
 
@@ -333,6 +334,11 @@ def hold_for_run(workdir: str) -> WorkdirLock | None:
       lock, error = None, ConfigError(
           f"cannot write the lock file {epath.Path(workdir) / LOCK_FILE} "
           f"({type(e).__name__}: {e}): pass a --workdir this run can write to")
+    except Exception as e:  # pylint: disable=broad-except  # a gs:// request that failed
+      failed = remote_failures.as_storage_error(e, os.fspath(lock.path), "writing")
+      if failed is None:
+        raise
+      lock, error = None, failed
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     taken = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))

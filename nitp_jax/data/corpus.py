@@ -43,7 +43,7 @@ import numpy as np
 from nitp_jax import storage
 from nitp_jax.data import token_files
 from nitp_jax.data.bad_records import BadRecords
-from nitp_jax.errors import DataError
+from nitp_jax.errors import DataError, StorageError
 from nitp_jax.flag_names import flag
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -197,9 +197,8 @@ def _is_corpus_file(path: pathlib.Path) -> bool:
 
 
 def _size(path) -> int:
-  """A file's size in bytes (etils.epath's stat of a gs:// object has `length`)."""
-  stat = path.stat()
-  return stat.length if storage.is_remote(str(path)) else stat.st_size
+  """A file's size in bytes."""
+  return storage.size(str(path))
 
 
 def non_blank(doc: Document) -> bool:
@@ -276,7 +275,9 @@ def default_corpus() -> Corpus:
 def _read_bytes(path: pathlib.Path) -> bytes:
   """The file's bytes, decompressed for .gz / .zst; _BadFile if it cannot be."""
   try:
-    data = path.read_bytes()
+    data = storage.read_bytes(str(path))
+  except StorageError:  # GCS failed or refused: not a bad file
+    raise
   except OSError as e:
     raise _BadFile(f"cannot be read ({e.strerror or e})") from None
   name = path.name.lower()
@@ -308,6 +309,8 @@ def _read_parquet(path: pathlib.Path, text_field: str, bad: BadRecords
   try:
     table = pq.ParquetFile(_local_or_bytes(path))
     columns = table.schema_arrow.names
+  except StorageError:
+    raise
   except (pyarrow.ArrowException, OSError) as e:
     raise _BadFile(f"is not a readable Parquet file ({e})") from None
   if text_field not in columns:
@@ -328,6 +331,8 @@ def _read_parquet(path: pathlib.Path, text_field: str, bad: BadRecords
         else:
           bad.skip(f"{path}:row {row}",
                    f"row {row} has no {what} in column {text_field!r} ({type(value).__name__})")
+  except StorageError:
+    raise
   except (pyarrow.ArrowException, OSError) as e:  # a damaged row group
     bad.skip(f"{path}:row {row + 1}", f"rows from {row + 1} on cannot be read ({e})")
 

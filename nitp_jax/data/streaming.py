@@ -62,7 +62,7 @@ from nitp_jax.data import token_files
 from nitp_jax.data import tokenizer as tok_lib
 from nitp_jax.data.bad_records import BadRecords
 from nitp_jax.data.corpus import Document
-from nitp_jax.errors import ConfigError, DataError
+from nitp_jax.errors import ConfigError, DataError, StorageError
 from nitp_jax.flag_names import flag
 from nitp_jax.layout import MANIFEST, write_json
 
@@ -175,6 +175,8 @@ def _row_groups(path: pathlib.Path) -> int:
   try:
     with storage.open_binary(str(path)) as f:
       return pq.ParquetFile(f).metadata.num_row_groups
+  except StorageError:  # GCS failed or refused: not a bad file
+    raise
   except (pyarrow.ArrowException, OSError):
     return 0  # the format reader names the problem
 
