@@ -2,8 +2,9 @@
 
 A corpus yields documents (str). `.txt`/`.md` files (and any other file named
 directly or matched by a glob) are one document each; `.jsonl`, `.jsonl.gz`
-and `.jsonl.zst` files hold one document per line in a configurable field,
-`.parquet` files one per row of that column (read with pyarrow).
+and `.jsonl.zst` files hold one document per line in a configurable field (read
+as a stream of lines by nitp_jax.data.line_stream, in memory bounded by the
+longest line), `.parquet` files one per row of that column (read with pyarrow).
 
 Bad data follows one policy (nitp_jax.data.bad_records) however a file was
 named: a malformed record (a line that is not JSON, a line or row without a
@@ -12,7 +13,10 @@ at all) is skipped and counted in `Corpus.bad`, and a pass over the corpus
 ends with a DataError when bad records exceed `max_bad_fraction` of all
 records. One exception: a single file named directly that cannot be read at
 all (binary, not UTF-8, not a valid gzip/zstd/Parquet file, no text column)
-is an immediate DataError naming it, since it is the whole corpus.
+is an immediate DataError naming it, since it is the whole corpus. A
+compressed JSONL or a Parquet file that breaks after its first records keeps
+those and counts one bad record for the rest ("lines from N on cannot be
+read (...)", "rows from N on ...").
 
 Already tokenized documents come as int64 id arrays instead of str: each
 record of an `.array_record` file (int32 ids, the format of our own shards),

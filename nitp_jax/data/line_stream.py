@@ -3,9 +3,11 @@
 `read_lines(path)` yields a file's lines split on b"\\n" only, exactly as
 `data.split(b"\\n")` would (the last one without its newline, possibly
 empty), decompressing `.gz` and `.zst` files on the fly. Memory is bounded by
-the longest line plus a few blocks, never by the file: a 5 GB `.jsonl.zst`
-shard is read in a few MB, and a reader that stops early (streaming's sample
-of a source's first documents) fetches only the start of a gs:// object.
+the longest line plus a few blocks, never by the file (for .zst, a block is
+what 64 KiB of compressed input decompresses to: a few hundred KB of text):
+a 5 GB `.jsonl.zst` shard is read in a few MB, and a reader that stops early
+(streaming's sample of a source's first documents) fetches only the start of
+a gs:// object, in REMOTE_BLOCK_BYTES ranges.
 
 A file that cannot be read or decompressed raises `Unreadable`; since lines
 were yielded before, the caller decides whether that is the whole file (no
@@ -22,7 +24,7 @@ from typing import Iterator
 from nitp_jax import storage
 from nitp_jax.errors import one_line
 
-READ_BYTES = 1 << 20            # decompressed bytes per read
+READ_BYTES = 1 << 18            # decompressed bytes per read
 ZSTD_INPUT_BYTES = 1 << 16      # compressed bytes per zstd step (bounds its output)
 REMOTE_BLOCK_BYTES = 4 << 20    # one range request of a gs:// object
 
