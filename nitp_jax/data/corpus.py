@@ -2,8 +2,9 @@
 
 A corpus yields documents (str). `.txt`/`.md` files (and any other file named
 directly or matched by a glob) are one document each; `.jsonl`, `.jsonl.gz`
-and `.jsonl.zst` files hold one document per line in a configurable field,
-`.parquet` files one per row of that column (read with pyarrow).
+and `.jsonl.zst` files hold one document per line in a configurable field (read
+as a stream of lines by nitp_jax.data.line_stream, in memory bounded by the
+longest line), `.parquet` files one per row of that column (read with pyarrow).
 
 Bad data follows one policy (nitp_jax.data.bad_records) however a file was
 named: a malformed record (a line that is not JSON, a line or row without a
@@ -12,7 +13,10 @@ at all) is skipped and counted in `Corpus.bad`, and a pass over the corpus
 ends with a DataError when bad records exceed `max_bad_fraction` of all
 records. One exception: a single file named directly that cannot be read at
 all (binary, not UTF-8, not a valid gzip/zstd/Parquet file, no text column)
-is an immediate DataError naming it, since it is the whole corpus.
+is an immediate DataError naming it, since it is the whole corpus. A
+compressed JSONL or a Parquet file that breaks after its first records keeps
+those and counts one bad record for the rest ("lines from N on cannot be
+read (...)", "rows from N on ...").
 
 Already tokenized documents come as int64 id arrays instead of str: each
 record of an `.array_record` file (int32 ids, the format of our own shards),
@@ -41,6 +45,7 @@ from typing import Iterator, Union
 import numpy as np
 
 from nitp_jax import storage
+from nitp_jax.data import line_stream
 from nitp_jax.data import token_files
 from nitp_jax.data.bad_records import BadRecords
 from nitp_jax.errors import DataError, StorageError
@@ -362,10 +367,10 @@ def _read_file(path: pathlib.Path, text_field: str, bad: BadRecords) -> Iterator
     except token_files.BadTokenFile as e:
       raise _BadFile(e.args[0]) from None
     return
-  data = _read_bytes(path)
   if path.name.lower().endswith(JSONL_SUFFIXES):
-    yield from _read_jsonl(path, data, text_field, bad)
+    yield from _read_jsonl(path, text_field, bad)
     return
+  data = _read_bytes(path)
   nul = data.find(b"\0")
   if nul >= 0:
     raise _BadFile(f"is binary (NUL byte at offset {nul}); only UTF-8 text "
@@ -377,34 +382,46 @@ def _read_file(path: pathlib.Path, text_field: str, bad: BadRecords) -> Iterator
                    "with e.g. `iconv -t utf-8`") from None
 
 
-def _read_jsonl(path: pathlib.Path, data: bytes, text_field: str, bad: BadRecords
-                ) -> Iterator[str]:
-  """One document per line's `text_field`; bad lines are skipped into `bad`."""
+def _read_jsonl(path: pathlib.Path, text_field: str, bad: BadRecords) -> Iterator[str]:
+  """One document per line's `text_field`, read as a stream (memory bounded by
+  the longest line); bad lines are skipped into `bad`. A file that fails
+  before its first line is a _BadFile; one that fails later (damaged or
+  truncated compressed data) ends with one bad record for the lines left."""
+  lineno = 0
   try:
-    lines = data.decode("utf-8").split("\n")  # not splitlines(): JSON strings
-    # may hold raw U+2028 etc., which splitlines() breaks on.
-  except UnicodeDecodeError:  # decode line by line, so one bad byte costs one line
-    lines = data.split(b"\n")
-  for lineno, line in enumerate(lines, 1):
-    if isinstance(line, bytes):
-      try:
-        line = line.decode("utf-8")
-      except UnicodeDecodeError as e:
-        bad.skip(f"{path}:{lineno}", f"line {lineno} is not valid UTF-8 (byte {e.start} "
-                 "of the line)")
-        continue
-    if not line.strip():
-      continue
-    try:
-      doc = json.loads(line)[text_field]
-      if not isinstance(doc, str):
-        raise TypeError
-    except json.JSONDecodeError as e:
-      reason = f"line {lineno} is not valid JSON ({e.msg})"
-    except (KeyError, TypeError, IndexError):
-      reason = (f"line {lineno} has no string field {text_field!r}; set "
-                f"{flag('data.text_field')} to the field holding the text")
-    else:
-      yield doc
-      continue
-    bad.skip(f"{path}:{lineno}", reason)
+    for lineno, line in enumerate(line_stream.read_lines(str(path)), 1):
+      doc = _jsonl_document(path, lineno, line, text_field, bad)
+      if doc is not None:
+        yield doc
+  except line_stream.Unreadable as e:
+    if not lineno:
+      raise _BadFile(e.reason) from None
+    bad.skip(f"{path}:{lineno + 1}", f"lines from {lineno + 1} on cannot be read ({e.detail})")
+
+
+def _jsonl_document(path: pathlib.Path, lineno: int, raw: bytes, text_field: str,
+                    bad: BadRecords) -> str | None:
+  """The document of one line (split on b"\\n" only, not as str.splitlines():
+  JSON strings may hold a raw U+2028); None for a blank line, or a bad one
+  (skipped into `bad`: one undecodable byte costs only its line)."""
+  try:
+    line = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    bad.skip(f"{path}:{lineno}", f"line {lineno} is not valid UTF-8 (byte {e.start} "
+             "of the line)")
+    return None
+  if not line.strip():
+    return None
+  try:
+    doc = json.loads(line)[text_field]
+    if not isinstance(doc, str):
+      raise TypeError
+  except json.JSONDecodeError as e:
+    reason = f"line {lineno} is not valid JSON ({e.msg})"
+  except (KeyError, TypeError, IndexError):
+    reason = (f"line {lineno} has no string field {text_field!r}; set "
+              f"{flag('data.text_field')} to the field holding the text")
+  else:
+    return doc
+  bad.skip(f"{path}:{lineno}", reason)
+  return None
