@@ -123,6 +123,10 @@ class _RemoteFile:
     with _failures_as_errors(self._path):
       return self._f.read(*args)
 
+  def readinto(self, buffer) -> int:  # io.BufferedReader's read
+    with _failures_as_errors(self._path):
+      return self._f.readinto(buffer)
+
   def seek(self, *args) -> int:
     with _failures_as_errors(self._path):
       return self._f.seek(*args)

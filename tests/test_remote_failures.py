@@ -100,6 +100,19 @@ def test_a_refused_corpus_file_stops_the_read_instead_of_being_skipped(proxy):  
     list(streaming.read_documents(unit, "text"))
 
 
+def test_a_refusal_between_range_reads_of_a_jsonl_stops_the_read(proxy):  # pylint: disable=redefined-outer-name
+  """JSONL is read in ranges (line_stream): a refusal after the first range
+  is the one-line StorageError too, not 'lines from N on cannot be read'."""
+  big = f"gs://{BUCKET}/faults/big.jsonl"
+  line = '{"text": "%s"}\n' % ("x" * 1000)
+  storage.write_text(big, line * (6 * 1024))  # ~6 MiB: two 4 MiB ranges
+  docs = streaming.read_documents(streaming.Unit(big), "text")
+  next(docs)  # the first range is read
+  proxy.fail(403, "faults/big.jsonl")
+  with pytest.raises(errors.StorageError, match=f"^reading {big} was refused"):
+    list(docs)
+
+
 GS_STEPS = 24
 
 

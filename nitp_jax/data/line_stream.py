@@ -22,7 +22,7 @@ import zlib
 from typing import Iterator
 
 from nitp_jax import storage
-from nitp_jax.errors import one_line
+from nitp_jax.errors import StorageError, one_line
 
 READ_BYTES = 1 << 18            # decompressed bytes per read
 ZSTD_INPUT_BYTES = 1 << 16      # compressed bytes per zstd step (bounds its output)
@@ -50,6 +50,8 @@ def read_lines(path: str) -> Iterator[bytes]:
   kind = "gz" if name.endswith(".gz") else "zst" if name.endswith(".zst") else ""
   try:
     raw = _open(str(path))
+  except StorageError:  # a gs:// request that failed for good: not a bad file
+    raise
   except OSError as e:
     raise Unreadable(f"cannot be read ({e.strerror or e})", one_line(e)) from None
   with raw:
@@ -75,6 +77,8 @@ class _Source:
   def read(self, size: int = -1) -> bytes:
     try:
       data = self.raw.read(size)
+    except StorageError:
+      raise
     except OSError as e:
       raise Unreadable(f"cannot be read ({e.strerror or e})", one_line(e)) from None
     self.bytes_read += len(data)
@@ -126,6 +130,8 @@ def _checked(chunks: Iterator[bytes], source: _Source, kind: str) -> Iterator[by
     for data in chunks:
       out += len(data)
       yield data
+  except StorageError:  # an OSError, but a failed gs:// request, not bad data
+    raise
   except errors as e:
     raise Unreadable(f"is not a valid {kind} file ({e})", f"damaged {kind} data: "
                      f"{one_line(e)}") from None
