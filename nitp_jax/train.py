@@ -207,6 +207,8 @@ class Trainer:
           self._geometry(state, step)
         if saves:
           self.save(state, step)
+        if evals or probes or saves:  # they waited for this step: time from here
+          throughput.restart(step)
         if preempted:
           self.checkpointer.wait()
           self.log.info(f"{guard.reason} received: checkpoint of step "
