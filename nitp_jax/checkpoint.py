@@ -19,6 +19,7 @@ from absl import logging
 from nitp_jax import checkpoint_faults
 from nitp_jax import errors
 from nitp_jax import layout
+from nitp_jax import model_config
 from nitp_jax import storage
 from nitp_jax.errors import CheckpointError
 
@@ -255,7 +256,16 @@ def config_mismatches(saved: ml_collections.ConfigDict, current: ml_collections.
     for key in sorted(set(a) | set(b)):
       if key not in COMPUTE_ONLY_FIELDS and a.get(key) != b.get(key):
         diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+  if _has_projector(saved) != _has_projector(current):  # λ = 0 drops it from the train state
+    diffs.append(f"nitp.weight: {saved.nitp.weight!r} -> {current.nitp.weight!r} (the NITP "
+                 "projector exists only when nitp.weight > 0)")
   return diffs
+
+
+def _has_projector(cfg: ml_collections.ConfigDict) -> bool:
+  n = cfg.nitp
+  return model_config.NITPConfig(weight=n.weight, variant=n.get("variant", "nitp"),
+                                 projector=n.get("projector", "swiglu")).uses_projector
 
 
 # Saved configs from before a field existed hold its then-implied value.

@@ -18,6 +18,7 @@ from nitp_jax import jitted
 from nitp_jax import train
 from nitp_jax.errors import CheckpointError
 from tests.conftest import train_config
+from tests.helpers import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -204,3 +205,14 @@ def test_a_failed_save_is_one_line_and_the_rerun_completes(prepared_dir, trained
 
   assert train.run(_cfg(prepared_dir), workdir)["step"] == 8
   assert _listing(ckpts) == ["4", "8"]
+
+
+def test_turning_nitp_off_or_on_names_nitp_weight():
+  # λ = 0 builds no projector: an NITP checkpoint cannot resume as NTP (nor
+  # the reverse), so the refusal names the field instead of Orbax's tree diff.
+  nitp, ntp = small_config(), small_config(weight=0.0)
+  for saved, current in ((nitp, ntp), (ntp, nitp)):
+    with pytest.raises(CheckpointError, match=r"another config \(nitp.weight: "
+                       r"\d.\d -> \d.\d \(the NITP projector exists only when nitp.weight > 0\)"):
+      ckpt_lib.check_resumable(saved, current, "/ckpt")
+  ckpt_lib.check_resumable(nitp, small_config(weight=0.5), "/ckpt")  # same train state
