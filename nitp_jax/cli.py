@@ -12,6 +12,7 @@ so its flags exist only when it runs as a program.
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Callable, Mapping
 
 from absl import app, flags, logging
@@ -22,8 +23,10 @@ from nitp_jax import flag_names as nitp_flag_names
 
 
 def define_config_flag(help_text: str, lock_config: bool = False) -> None:
-  """--config=configs/x.py[:variant] with --config.a.b=value overrides."""
+  """--config=configs/x.py[:variant] with --config.a.b=value overrides, listed
+  by --help beside the program's own flags (absl lists only the main module's)."""
   config_flags.DEFINE_config_file("config", None, help_text, lock_config=lock_config)
+  flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["config"])
 
 
 def parse_flags_or_exit(argv: list[str], usage: str) -> list[str]:

@@ -66,3 +66,11 @@ def test_a_stray_positional_argument_is_one_line(module, flag, tmp_path):
   out = run("-m", module, flag, f"--workdir={tmp_path}/w", "extra")
   assert_one_line_error(out, "unexpected argument(s) 'extra'")
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_help_lists_the_config_flag():
+  # absl's --help lists the main module's flags; --config is defined by
+  # ml_collections, so cli.define_config_flag makes it one of the program's.
+  out = run("-m", "nitp_jax.train", "--help")
+  assert "--config: Config file" in out.stdout, out.stdout[-3000:]
+  assert "--workdir:" in out.stdout, out.stdout[-3000:]
