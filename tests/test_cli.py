@@ -74,3 +74,20 @@ def test_help_lists_the_config_flag():
   out = run("-m", "nitp_jax.train", "--help")
   assert "--config: Config file" in out.stdout, out.stdout[-3000:]
   assert "--workdir:" in out.stdout, out.stdout[-3000:]
+
+
+def test_an_override_of_a_missing_field_names_it():
+  from nitp_jax import cli, config  # pylint: disable=import-outside-toplevel
+  train_cfg = config.base_config().train
+  with pytest.raises(AttributeError) as typo:  # the error ml_collections raises
+    getattr(train_cfg, "stpes")
+  with pytest.raises(AttributeError) as unknown:
+    getattr(train_cfg, "qqq")
+  argv = ["train", "--config=configs/tiny.py", "--config.train.stpes=5", "--config.train.qqq=1"]
+  assert cli.unknown_field_message(typo.value, argv) == (
+      "--config.train.stpes=5: the config has no field train.stpes; did you mean "
+      "--config.train.steps? nitp_jax/config.py lists the fields")
+  assert cli.unknown_field_message(unknown.value, argv) == (
+      "--config.train.qqq=1: the config has no field train.qqq; nitp_jax/config.py lists "
+      "the fields")
+  assert cli.unknown_field_message(ValueError("'x'"), argv) is None
