@@ -29,6 +29,7 @@ from nitp_jax import workdir_lock
 from nitp_jax.data import heldout_sets, pipeline, prepare, streaming
 from nitp_jax.export import hf
 from nitp_jax.errors import NonFiniteLossError
+from nitp_jax.flag_names import flag
 from nitp_jax.metrics_log import MetricsLog, Throughput, console_line
 
 
@@ -182,8 +183,12 @@ class Trainer:
     start = int(jax.device_get(state["step"]))
     end = min(t.steps, stop_after) if stop_after else t.steps
     throughput = Throughput.for_config(self.cfg)  # tokens/s, TFLOP/s, MFU
-    self.log.info(f"training steps {start}..{end} of {t.steps} on {jax.device_count()} "
-                  f"device(s), mesh {dict(self.mesh.shape)}; results in {self.workdir}")
+    if start >= t.steps:  # "training steps 40..10" said nothing of why nothing ran
+      self.log.info(f"nothing to train: the checkpoint is at step {start} and "
+                    f"{flag('train.steps')}={t.steps}; raise it to train further")
+    else:
+      self.log.info(f"training steps {start}..{end} of {t.steps} on {jax.device_count()} "
+                    f"device(s), mesh {dict(self.mesh.shape)}; results in {self.workdir}")
     pending, last_eval, step = None, {}, start
     with preemption.PreemptionGuard(start) as guard:
       for step in range(start + 1, end + 1):

@@ -58,7 +58,7 @@ def _copy(trained, tmp_path):
 
 
 def test_rerunning_twice_after_a_damaged_checkpoint_completes(prepared_dir, trained, tmp_path,
-                                                              caplog):
+                                                              caplog, capsys):
   workdir, ckpts = _copy(trained, tmp_path)
   _truncate(_largest_data_file(os.path.join(ckpts, "8")))
   cfg = _cfg(prepared_dir)
@@ -71,7 +71,10 @@ def test_rerunning_twice_after_a_damaged_checkpoint_completes(prepared_dir, trai
   # Orbax never lists the moved-aside one as a step.
   assert ocp.path.step.checkpoint_steps(ckpts) in ([4, 8], [8, 4])
 
+  capsys.readouterr()
   assert train.run(cfg, workdir)["step"] == 8  # again: resumes at 8, nothing to redo
+  assert ("nothing to train: the checkpoint is at step 8 and --config.train.steps=8"
+          in capsys.readouterr().out)
   assert _listing(ckpts) == sorted(["4", "8", aside[0]])
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     steps = [r["step"] for r in map(json.loads, f) if r["kind"] == "train"]
