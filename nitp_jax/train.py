@@ -179,10 +179,11 @@ class Trainer:
     """Train to cfg.train.steps (or `stop_after`, checkpointing there).
     Returns the final step and the last train and eval metrics."""
     t = self.cfg.train
-    state = self.initial_state()
-    start = int(jax.device_get(state["step"]))
-    end = min(t.steps, stop_after) if stop_after else t.steps
-    throughput = Throughput.for_config(self.cfg)  # tokens/s, TFLOP/s, MFU
+    with preemption.StartUp() as startup:  # a signal now stops the run after its first step
+      state = self.initial_state()
+      start = int(jax.device_get(state["step"]))
+      end = min(t.steps, stop_after) if stop_after else t.steps
+      throughput = Throughput.for_config(self.cfg)  # tokens/s, TFLOP/s, MFU
     if start >= t.steps:  # "training steps 40..10" said nothing of why nothing ran
       self.log.info(f"nothing to train: the checkpoint is at step {start} and "
                     f"{flag('train.steps')}={t.steps}; raise it to train further")
@@ -190,7 +191,7 @@ class Trainer:
       self.log.info(f"training steps {start}..{end} of {t.steps} on {jax.device_count()} "
                     f"device(s), mesh {dict(self.mesh.shape)}; results in {self.workdir}")
     pending, last_eval, step = None, {}, start
-    with preemption.PreemptionGuard(start) as guard:
+    with preemption.PreemptionGuard(start, startup.signal_name) as guard:
       for step in range(start + 1, end + 1):
         batch = sharding.global_batch(next(self.train_iter), self.mesh)
         state, metrics = self.steps.train(state, batch)
