@@ -504,5 +504,5 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
   cli.run_main(main, define_flags, usage="--input=PATH_OR_GLOB --output=DIR "
-               "[--vocab_size=N] [--tokenizer=FILE.model] [--max_bad_fraction=F]",
+               "[--vocab_size=N] [--tokenizer=FILE.model|tokenizer.json] [--max_bad_fraction=F]",
                flag_names=FLAG_NAMES)

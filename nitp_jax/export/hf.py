@@ -504,7 +504,8 @@ def define_flags() -> None:
                       required=True)
   flags.DEFINE_string("out", None, "Output directory for the HF model.", required=True)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  flags.DEFINE_string("tokenizer", "", "SentencePiece .model (default: the run's).")
+  flags.DEFINE_string("tokenizer", "", "SentencePiece .model or HuggingFace "
+                      "tokenizer.json (default: the run's).")
 
 
 if __name__ == "__main__":
