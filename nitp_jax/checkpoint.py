@@ -22,6 +22,7 @@ from nitp_jax import layout
 from nitp_jax import model_config
 from nitp_jax import storage
 from nitp_jax.errors import CheckpointError
+from nitp_jax.flag_names import flag
 
 # Fields that decide parameter shapes or the data order: a checkpoint only
 # resumes under a config that agrees on all of them.
@@ -122,7 +123,7 @@ class Checkpointer:
       raise CheckpointError(
           f"none of the {len(damaged)} checkpoints in {self.directory} can be restored "
           f"({'; '.join(reason for _, reason in damaged)}). Not starting from scratch over "
-          "them: repair or move that directory away, or use a new --workdir.")
+          f"them: repair or move that directory away, or use a new {flag('workdir')}.")
     return None
 
   def _damaged_or_raise(self, step: int, error: Exception) -> tuple[int, str]:
@@ -134,7 +135,7 @@ class Checkpointer:
     if kind == checkpoint_faults.MISMATCHED:
       raise CheckpointError(
           f"checkpoint {path} holds another train state than this config builds ({reason}). "
-          "Resume with the config and code version that wrote it, or use a new --workdir; "
+          f"Resume with the config and code version that wrote it, or use a new {flag('workdir')}; "
           "the checkpoint is left as it is.") from error
     if kind != checkpoint_faults.DAMAGED:
       raise CheckpointError(
@@ -293,7 +294,8 @@ def check_resumable(saved: ml_collections.ConfigDict, current: ml_collections.Co
             "with or without one restores only under the same bias_update_rate." if bias else "")
     raise CheckpointError(
         f"the checkpoint in {directory} was written under another config "
-        f"({'; '.join(diffs)}). Resume with the same values, or use a new --workdir.{hint}")
+        f"({'; '.join(diffs)}). Resume with the same values, or use a new {flag('workdir')}."
+        f"{hint}")
 
 
 def restore_params(workdir: str, step: int | None = None

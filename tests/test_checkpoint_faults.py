@@ -14,6 +14,7 @@ import pytest
 
 from nitp_jax import checkpoint as ckpt_lib
 from nitp_jax import checkpoint_faults
+from nitp_jax import flag_names
 from nitp_jax import jitted
 from nitp_jax import train
 from nitp_jax.errors import CheckpointError
@@ -219,3 +220,6 @@ def test_turning_nitp_off_or_on_names_nitp_weight():
                        r"\d.\d -> \d.\d \(the NITP projector exists only when nitp.weight > 0\)"):
       ckpt_lib.check_resumable(saved, current, "/ckpt")
   ckpt_lib.check_resumable(nitp, small_config(weight=0.5), "/ckpt")  # same train state
+  with flag_names.spelled({"workdir": "--out"}, has_config=True):  # compare's arms
+    with pytest.raises(CheckpointError, match="or use a new --out"):
+      ckpt_lib.check_resumable(nitp, ntp, "/ckpt")
