@@ -141,6 +141,10 @@ def next_line_task(documents: Sequence[str], num_items: int = 200, num_choices: 
     label = int(rng.integers(num_choices))
     choices = picks[:label] + [truth] + picks[label:]
     items.append(Item("\n".join(lines[d][i - context_lines:i]) + "\n", tuple(choices), label))
+  if not items:  # an empty task would fail at the first eval, after training up to it
+    raise DataError(f"the held-out documents are too few or too short to build a next-line "
+                    f"task (no usable line has {num_choices - 1} lines of other documents to "
+                    "choose against)")
   return items
 
 

@@ -83,6 +83,11 @@ def test_next_line_task_uses_other_documents_as_distractors():
   assert len({it.label for it in items}) > 1
   with pytest.raises(DataError, match="too few or too short"):
     tasks.next_line_task(DOCS[:1], context_lines=5)
+  # Lines to predict but no long enough lines elsewhere to choose against (a
+  # mixture's held-out code file next to one-line documents): no empty task.
+  short = ["def f(x):\n    return 1\n", "def g(x):\n    return 2\n"]
+  with pytest.raises(DataError, match="no usable line has 3 lines of other documents"):
+    tasks.next_line_task(DOCS[:1] + short, context_lines=5)
 
 
 def test_written_tasks_load_back(tmp_path):
