@@ -30,6 +30,7 @@ import numpy as np
 from absl import logging
 
 from nitp_jax.errors import DataError
+from nitp_jax.flag_names import flag
 
 BUILTIN = {"next_line"}
 
@@ -45,7 +46,8 @@ def load_task(path: str) -> list[Item]:
   """The items of a task file; DataError naming the first bad line."""
   if not os.path.isfile(path):
     raise DataError(f"task file {path!r} does not exist: pass JSON lines with context, "
-                    "choices and label in --config.train.eval_tasks")
+                    f"choices and label, or a built-in task ({', '.join(sorted(BUILTIN))}), "
+                    f"in {flag('train.eval_tasks')}")
   items = []
   with open(path, encoding="utf-8") as f:
     for lineno, line in enumerate(f, 1):
