@@ -35,7 +35,8 @@ def test_task_files_are_checked_line_by_line(tmp_path):
     tasks.load_task(str(path))
   path.write_text(json.dumps(good) + "\n")
   assert tasks.load_task(str(path)) == [tasks.Item("a b", (" c", " d"), 1)]
-  with pytest.raises(DataError, match=r"does not exist: .*or a built-in task \(next_line\), in --config.train.eval_tasks"):
+  with pytest.raises(DataError, match=r"does not exist: .*or a built-in task \(next_line\), "
+                     r"in --config.train.eval_tasks"):
     tasks.load_task(str(tmp_path / "nope.jsonl"))
 
 
