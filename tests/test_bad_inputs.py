@@ -305,6 +305,8 @@ COMMAND_CASES = [
     ("export_tokenizer", "nitp_jax.export.hf",
      ["--workdir={t}/none", "--out={t}/hf", "--tokenizer={t}/nope.model"],
      ["--tokenizer."], ["--config."]),
+    ("sample_output_is_a_directory", "nitp_jax.sample",
+     ["--workdir={t}/none", "--prompt=x", "--output={b}"], ["--output=", "Is a directory"], []),
     ("compare_ablation", "nitp_jax.experiments.compare",
      ["--config=configs/tiny.py", "--out={t}/c", "--ablation=bad"], ["--ablation="], []),
     ("compile_check_devices", "nitp_jax.compile_check",
