@@ -22,6 +22,7 @@ from nitp_jax import evaluate
 from nitp_jax import fit
 from nitp_jax import jitted
 from nitp_jax import layout
+from nitp_jax import optim
 from nitp_jax import preemption
 from nitp_jax import sharding
 from nitp_jax import step as step_lib
@@ -116,6 +117,10 @@ class Trainer:
       self.train_iter.close()
       self.train_iter = self._train_iterator(config_lib.order_seed(self.cfg) + step)
     self.log.info(f"resuming from step {step} in {self.checkpointer.directory}")
+    schedule_note = optim.schedule_change(self.checkpointer.saved_config(step).train,
+                                          self.cfg.train, step)
+    if schedule_note:  # e.g. more steps after a finished run: the rate re-warms to the peak
+      self.log.info(schedule_note)
     self.log.truncate_after(step)
     return state
 
