@@ -19,9 +19,11 @@ from absl import logging
 from nitp_jax import checkpoint_faults
 from nitp_jax import errors
 from nitp_jax import layout
+from nitp_jax import model_config
 from nitp_jax import remote_failures
 from nitp_jax import storage
 from nitp_jax.errors import CheckpointError
+from nitp_jax.flag_names import flag
 
 # Fields that decide parameter shapes or the data order: a checkpoint only
 # resumes under a config that agrees on all of them.
@@ -122,7 +124,7 @@ class Checkpointer:
       raise CheckpointError(
           f"none of the {len(damaged)} checkpoints in {self.directory} can be restored "
           f"({'; '.join(reason for _, reason in damaged)}). Not starting from scratch over "
-          "them: repair or move that directory away, or use a new --workdir.")
+          f"them: repair or move that directory away, or use a new {flag('workdir')}.")
     return None
 
   def _damaged_or_raise(self, step: int, error: Exception) -> tuple[int, str]:
@@ -134,7 +136,7 @@ class Checkpointer:
     if kind == checkpoint_faults.MISMATCHED:
       raise CheckpointError(
           f"checkpoint {path} holds another train state than this config builds ({reason}). "
-          "Resume with the config and code version that wrote it, or use a new --workdir; "
+          f"Resume with the config and code version that wrote it, or use a new {flag('workdir')}; "
           "the checkpoint is left as it is.") from error
     if kind != checkpoint_faults.DAMAGED:
       raise CheckpointError(
@@ -265,7 +267,16 @@ def config_mismatches(saved: ml_collections.ConfigDict, current: ml_collections.
     for key in sorted(set(a) | set(b)):
       if key not in COMPUTE_ONLY_FIELDS and a.get(key) != b.get(key):
         diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+  if _has_projector(saved) != _has_projector(current):  # λ = 0 drops it from the train state
+    diffs.append(f"nitp.weight: {saved.nitp.weight!r} -> {current.nitp.weight!r} (the NITP "
+                 "projector exists only when nitp.weight > 0)")
   return diffs
+
+
+def _has_projector(cfg: ml_collections.ConfigDict) -> bool:
+  n = cfg.nitp
+  return model_config.NITPConfig(weight=n.weight, variant=n.get("variant", "nitp"),
+                                 projector=n.get("projector", "swiglu")).uses_projector
 
 
 # Saved configs from before a field existed hold its then-implied value.
@@ -293,7 +304,8 @@ def check_resumable(saved: ml_collections.ConfigDict, current: ml_collections.Co
             "with or without one restores only under the same bias_update_rate." if bias else "")
     raise CheckpointError(
         f"the checkpoint in {directory} was written under another config "
-        f"({'; '.join(diffs)}). Resume with the same values, or use a new --workdir.{hint}")
+        f"({'; '.join(diffs)}). Resume with the same values, or use a new {flag('workdir')}."
+        f"{hint}")
 
 
 def restore_params(workdir: str, step: int | None = None

@@ -12,6 +12,8 @@ so its flags exist only when it runs as a program.
 from __future__ import annotations
 
 import functools
+import re
+import sys
 from typing import Callable, Mapping
 
 from absl import app, flags, logging
@@ -22,8 +24,10 @@ from nitp_jax import flag_names as nitp_flag_names
 
 
 def define_config_flag(help_text: str, lock_config: bool = False) -> None:
-  """--config=configs/x.py[:variant] with --config.a.b=value overrides."""
+  """--config=configs/x.py[:variant] with --config.a.b=value overrides, listed
+  by --help beside the program's own flags (absl lists only the main module's)."""
   config_flags.DEFINE_config_file("config", None, help_text, lock_config=lock_config)
+  flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["config"])
 
 
 def parse_flags_or_exit(argv: list[str], usage: str) -> list[str]:
@@ -44,8 +48,30 @@ def parse_flags_or_exit(argv: list[str], usage: str) -> list[str]:
       errors.exit_with(f"--{name} is required: use {usage}")
     errors.exit_with(f"bad flag: {message}")
   except Exception as e:  # pylint: disable=broad-except  # a config file or override
-    errors.exit_with(f"could not load --config: {type(e).__name__}: {errors.one_line(e)}")
+    errors.exit_with(unknown_field_message(e, argv)
+                     or f"could not load --config: {type(e).__name__}: {errors.one_line(e)}")
   return rest
+
+
+def unknown_field_message(error: Exception, argv: list[str]) -> str | None:
+  """One line naming the `--config.a.b=...` override whose field does not
+  exist, with ml_collections' suggestion; None if `error` is not that."""
+  text = errors.one_line(error)
+  key = re.match(r"""\W*'(\w+)'""", text)
+  if not isinstance(error, (AttributeError, KeyError)) or not key:
+    return None
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    parts = arg[len("--config."):].split("=", 1)[0].split(".")
+    if key.group(1) in parts:
+      field = ".".join(parts[:parts.index(key.group(1)) + 1])
+      suggestion = re.search(r'Did you mean "(\w+)"', text)
+      hint = (f"did you mean --config.{field.rsplit(key.group(1), 1)[0]}{suggestion.group(1)}? "
+              if suggestion else "")
+      return (f"{arg}: the config has no field {field}; {hint}"
+              "nitp_jax/config.py lists the fields")
+  return None
 
 
 def run_main(main: Callable[[list[str]], None], define_flags: Callable[[], None], usage: str,

@@ -119,7 +119,14 @@ def maybe_initialize(mode: str = "auto", coordinator_address: str = "",
   launch = detect(os.environ if env is None else env, mode, coordinator_address,
                   num_processes, process_id)
   if launch is not None and not jax.distributed.is_initialized():
-    jax.distributed.initialize(**launch.kwargs())
+    try:
+      jax.distributed.initialize(**launch.kwargs())
+    except ValueError as e:  # "on" where JAX detects no cluster: nothing to join
+      if launch.source != "auto":
+        raise
+      raise LaunchError(f"--distributed=on but JAX found no cluster to join ({e}): pass "
+                        "--coordinator_address, --num_processes and --process_id, or use "
+                        "--distributed=auto for a single process") from e
   return launch
 
 

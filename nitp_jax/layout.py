@@ -86,15 +86,21 @@ def make_workdir(workdir: str) -> str:
   (StorageError if it is remote and unusable from here)."""
   if storage.is_remote(workdir):
     return _check_remote_workdir(workdir)
-  path = os.path.abspath(workdir)
+  return make_local_dir(workdir, "--workdir")
+
+
+def make_local_dir(path: str, flag_name: str, error: type[Exception] = ConfigError) -> str:
+  """The absolute path of the local directory `path`, created; `error`
+  naming `flag_name` if it is not a writable directory (a file, say)."""
+  absolute = os.path.abspath(path)
   try:
-    os.makedirs(path, exist_ok=True)
-    with tempfile.TemporaryFile(dir=path):  # a unique name: processes may share path
+    os.makedirs(absolute, exist_ok=True)
+    with tempfile.TemporaryFile(dir=absolute):  # a unique name: processes may share path
       pass
   except OSError as e:
-    raise ConfigError(f"--workdir={workdir} is not a writable directory ({e.strerror or e}): "
-                      "pass a directory you can write to") from e
-  return path
+    raise error(f"{flag_name}={path} is not a writable directory ({e.strerror or e}): "
+                "pass a directory you can write to") from e
+  return absolute
 
 
 def _check_remote_workdir(workdir: str) -> str:

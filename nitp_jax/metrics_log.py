@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from typing import Callable
 
 import jax
 from absl import logging
@@ -178,13 +179,15 @@ class MetricsLog:
 class Throughput:
   """Tokens/s, ETA and (given the model's FLOPs per token and the devices'
   peak) model TFLOP/s per device and MFU, over the steps since the last
-  report (the first, compiling step is excluded)."""
+  report (the first, compiling step is excluded) or the last `restart`."""
 
   def __init__(self, tokens_per_step: int, total_steps: int, flops_per_token: float = 0.0,
-               peak_flops_per_device: float = 0.0, num_devices: int = 1):
+               peak_flops_per_device: float = 0.0, num_devices: int = 1,
+               clock: Callable[[], float] = time.perf_counter):
     self.tokens_per_step, self.total_steps = tokens_per_step, total_steps
     self.flops_per_token, self.peak, self.num_devices = (
         flops_per_token, peak_flops_per_device, num_devices)
+    self._clock = clock
     self._last_time, self._last_step = None, None
 
   @classmethod
@@ -195,8 +198,13 @@ class Throughput:
     return cls(t.global_batch * t.seq_len, t.steps, flops.training_flops_per_token(cfg),
                flops.peak_flops_per_device(t.peak_flops_per_device), jax.device_count())
 
+  def restart(self, step: int) -> None:
+    """Time the next report from now, with `step` done: what ran since that
+    step (an eval, a geometry probe, a checkpoint save) is not training."""
+    self._last_time, self._last_step = self._clock(), step
+
   def update(self, step: int) -> dict[str, float]:
-    now = time.perf_counter()
+    now = self._clock()
     out = {}
     if self._last_time is not None and step > self._last_step:
       seconds_per_step = (now - self._last_time) / (step - self._last_step)

@@ -37,6 +37,26 @@ def wsd_schedule(train_cfg: ml_collections.ConfigDict) -> optax.Schedule:
   return schedule
 
 
+SCHEDULE_FIELDS = ("lr", "steps", "warmup_steps", "decay_fraction", "final_lr_ratio", "schedule")
+
+
+def schedule_change(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict,
+                    step: int) -> str | None:
+  """A line saying how the learning rate moves at `step` when a run resumes
+  under other schedule fields (`train` configs) than its checkpoint's, e.g.
+  a finished run given more steps re-warms from its decayed rate to the
+  peak; None when the rate at `step` is the same (or `saved` predates a field)."""
+  if any(k not in saved for k in SCHEDULE_FIELDS):
+    return None
+  before, after = float(wsd_schedule(saved)(step)), float(wsd_schedule(current)(step))
+  if abs(after - before) <= 1e-6 * max(abs(before), abs(after), 1e-30):
+    return None
+  changed = "; ".join(f"train.{k}: {saved[k]!r} -> {current[k]!r}" for k in SCHEDULE_FIELDS
+                      if saved[k] != current[k])
+  return (f"the learning-rate schedule differs from the checkpoint's ({changed}): the rate "
+          f"at step {step} is {after:.2e}, where the checkpoint's run was at {before:.2e}")
+
+
 def decay_mask(params) -> dict:
   """Weight decay on weight matrices and embeddings, not on norm scales or
   biases (named, since scanned layers stack vectors into matrices)."""

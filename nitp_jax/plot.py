@@ -50,7 +50,8 @@ def read_records(run_dir: str) -> list[dict]:
   path = storage.join(run_dir, "metrics.jsonl")
   storage.check(run_dir)
   if not storage.isfile(path):
-    raise PlotError(f"{run_dir!r} has no metrics.jsonl: pass the --workdir of a training run")
+    raise PlotError(f"{run_dir!r} has no metrics.jsonl: pass the directory of a training run "
+                    "(nitp_jax.train's --workdir)")
   records = []
   with io.StringIO(storage.read_text(path)) as f:
     for line in f:
@@ -150,12 +151,29 @@ def _draw_panel(ax, groups: list[tuple[str, list[list[dict]]]], panel: tuple,
             transform=ax.transAxes, color="gray")
 
 
+def figure_path(out_path: str) -> str:
+  """`out_path` as matplotlib writes it (".png" added when it has no
+  extension); PlotError for an extension matplotlib cannot write."""
+  extension = os.path.splitext(out_path)[1].lstrip(".").lower()
+  if not extension:
+    return out_path + ".png"
+  formats = plt.figure().canvas.get_supported_filetypes()
+  plt.close("all")
+  if extension not in formats:
+    raise PlotError(f"cannot write a figure to {out_path!r}: matplotlib writes "
+                    f"{', '.join('.' + f for f in sorted(formats))}; use e.g. a .png path")
+  return out_path
+
+
 def plot_groups(groups: dict[str, Sequence[str]], out_path: str, title: str | None = None
                 ) -> str:
   """Write the 2x2 figure with one line (and seed band) per group of run
-  directories to `out_path` (PNG); return out_path."""
+  directories to `out_path` (PNG, or the format its extension names);
+  return the path written."""
   if not groups or not all(groups.values()):
-    raise PlotError("no run directories given: pass one or more training --workdir paths")
+    raise PlotError("no run directories given: pass one or more training run directories "
+                    "(nitp_jax.train's --workdir)")
+  out_path = figure_path(out_path)
   loaded = [(label, [read_records(d) for d in dirs]) for label, dirs in groups.items()]
   colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(loaded))]
   if title is None:
@@ -176,7 +194,8 @@ def plot_groups(groups: dict[str, Sequence[str]], out_path: str, title: str | No
 def plot_runs(run_dirs: Sequence[str], out_path: str, title: str | None = None) -> str:
   """`plot_groups` with one run per line, labelled by its directory name."""
   if not run_dirs:
-    raise PlotError("no run directories given: pass one or more training --workdir paths")
+    raise PlotError("no run directories given: pass one or more training run directories "
+                    "(nitp_jax.train's --workdir)")
   return plot_groups({label: [d] for label, d in zip(run_labels(run_dirs), run_dirs)},
                      out_path, title)
 

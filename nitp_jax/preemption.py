@@ -52,8 +52,8 @@ class PreemptionGuard:
   call `requested(step)` after each step on every process: True (on all of
   them at the same step) means save and exit."""
 
-  def __init__(self, start_step: int = 0):
-    self.signal_name: str | None = None  # the signal this process got, if any
+  def __init__(self, start_step: int = 0, signal_name: str | None = None):
+    self.signal_name = signal_name  # the signal this process got, if any (`StartUp`'s)
     self._start_step = start_step
     self._previous = {}
     self._multi = False
@@ -96,6 +96,34 @@ class PreemptionGuard:
     if not self._enabled:
       return False
     return multihost_utils.reached_preemption_sync_point(step) or self._notice_at_start_up
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
+
+
+class StartUp:
+  """Context manager for a one-process run's start-up (restore, init
+  compile): SIGTERM or SIGINT is kept in `signal_name`, for `PreemptionGuard`
+  to stop after the first step, instead of a KeyboardInterrupt inside an XLA
+  compile (a traceback, then a segfault at exit). A second signal interrupts
+  at once. Several processes: nothing (JAX's preemption service covers it)."""
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._previous = {}
+
+  def __enter__(self) -> StartUp:
+    if jax.process_count() == 1:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signal_name is not None:
+      signal.default_int_handler(signum, frame)
+    self.signal_name = signal.Signals(signum).name
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():

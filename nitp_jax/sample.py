@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import json
 import sys
+from typing import TextIO
 
 import jax
 import jax.numpy as jnp
@@ -206,15 +207,28 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   texts = read_prompts(f.prompt, f.prompts_file)
   sampling = Sampling(f.temperature, f.top_k, f.top_p)
-  step, results = sample_run(f.workdir, texts, f.max_new_tokens, sampling, f.seed, f.step,
-                             f.batch_size)
-  for i, r in enumerate(results):
-    print(f"--- sample {i + 1}/{len(results)} (step {step}) ---\n{r['prompt']}{r['completion']}")
-  sys.stdout.flush()
-  if f.output:
-    with open(f.output, "w", encoding="utf-8") as out:
+  out = open_output(f.output) if f.output else None  # before the restore and the sampling
+  try:
+    step, results = sample_run(f.workdir, texts, f.max_new_tokens, sampling, f.seed, f.step,
+                               f.batch_size)
+    for i, r in enumerate(results):
+      print(f"--- sample {i + 1}/{len(results)} (step {step}) ---\n{r['prompt']}{r['completion']}")
+    sys.stdout.flush()
+    if out:
       for r in results:
         out.write(json.dumps({**r, "step": step}) + "\n")
+  finally:
+    if out:
+      out.close()
+
+
+def open_output(path: str) -> TextIO:
+  """`path` opened for writing; ConfigError naming --output if it cannot be."""
+  try:
+    return open(path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
+  except OSError as e:
+    raise ConfigError(f"--output={path} cannot be written ({e.strerror or e}): pass a file "
+                      "path in a writable directory") from e
 
 
 def define_flags() -> None:

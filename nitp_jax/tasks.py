@@ -30,6 +30,7 @@ import numpy as np
 from absl import logging
 
 from nitp_jax.errors import DataError
+from nitp_jax.flag_names import flag
 
 BUILTIN = {"next_line"}
 
@@ -45,7 +46,8 @@ def load_task(path: str) -> list[Item]:
   """The items of a task file; DataError naming the first bad line."""
   if not os.path.isfile(path):
     raise DataError(f"task file {path!r} does not exist: pass JSON lines with context, "
-                    "choices and label in --config.train.eval_tasks")
+                    f"choices and label, or a built-in task ({', '.join(sorted(BUILTIN))}), "
+                    f"in {flag('train.eval_tasks')}")
   items = []
   with open(path, encoding="utf-8") as f:
     for lineno, line in enumerate(f, 1):
@@ -141,6 +143,10 @@ def next_line_task(documents: Sequence[str], num_items: int = 200, num_choices: 
     label = int(rng.integers(num_choices))
     choices = picks[:label] + [truth] + picks[label:]
     items.append(Item("\n".join(lines[d][i - context_lines:i]) + "\n", tuple(choices), label))
+  if not items:  # an empty task would fail at the first eval, after training up to it
+    raise DataError(f"the held-out documents are too few or too short to build a next-line "
+                    f"task (no usable line has {num_choices - 1} lines of other documents to "
+                    "choose against)")
   return items
 
 

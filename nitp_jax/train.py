@@ -22,6 +22,7 @@ from nitp_jax import evaluate
 from nitp_jax import fit
 from nitp_jax import jitted
 from nitp_jax import layout
+from nitp_jax import optim
 from nitp_jax import preemption
 from nitp_jax import sharding
 from nitp_jax import step as step_lib
@@ -29,6 +30,7 @@ from nitp_jax import workdir_lock
 from nitp_jax.data import heldout_sets, pipeline, prepare, streaming
 from nitp_jax.export import hf
 from nitp_jax.errors import NonFiniteLossError
+from nitp_jax.flag_names import flag
 from nitp_jax.metrics_log import MetricsLog, Throughput, console_line
 
 
@@ -115,6 +117,10 @@ class Trainer:
       self.train_iter.close()
       self.train_iter = self._train_iterator(config_lib.order_seed(self.cfg) + step)
     self.log.info(f"resuming from step {step} in {self.checkpointer.directory}")
+    schedule_note = optim.schedule_change(self.checkpointer.saved_config(step).train,
+                                          self.cfg.train, step)
+    if schedule_note:  # e.g. more steps after a finished run: the rate re-warms to the peak
+      self.log.info(schedule_note)
     self.log.truncate_after(step)
     return state
 
@@ -178,14 +184,19 @@ class Trainer:
     """Train to cfg.train.steps (or `stop_after`, checkpointing there).
     Returns the final step and the last train and eval metrics."""
     t = self.cfg.train
-    state = self.initial_state()
-    start = int(jax.device_get(state["step"]))
-    end = min(t.steps, stop_after) if stop_after else t.steps
-    throughput = Throughput.for_config(self.cfg)  # tokens/s, TFLOP/s, MFU
-    self.log.info(f"training steps {start}..{end} of {t.steps} on {jax.device_count()} "
-                  f"device(s), mesh {dict(self.mesh.shape)}; results in {self.workdir}")
+    with preemption.StartUp() as startup:  # a signal now stops the run after its first step
+      state = self.initial_state()
+      start = int(jax.device_get(state["step"]))
+      end = min(t.steps, stop_after) if stop_after else t.steps
+      throughput = Throughput.for_config(self.cfg)  # tokens/s, TFLOP/s, MFU
+    if start >= t.steps:  # "training steps 40..10" said nothing of why nothing ran
+      self.log.info(f"nothing to train: the checkpoint is at step {start} and "
+                    f"{flag('train.steps')}={t.steps}; raise it to train further")
+    else:
+      self.log.info(f"training steps {start}..{end} of {t.steps} on {jax.device_count()} "
+                    f"device(s), mesh {dict(self.mesh.shape)}; results in {self.workdir}")
     pending, last_eval, step = None, {}, start
-    with preemption.PreemptionGuard(start) as guard:
+    with preemption.PreemptionGuard(start, startup.signal_name) as guard:
       for step in range(start + 1, end + 1):
         batch = sharding.global_batch(next(self.train_iter), self.mesh)
         state, metrics = self.steps.train(state, batch)
@@ -207,6 +218,8 @@ class Trainer:
           self._geometry(state, step)
         if saves:
           self.save(state, step)
+        if evals or probes or saves:  # they waited for this step: time from here
+          throughput.restart(step)
         if preempted:
           self.checkpointer.wait()
           self.log.info(f"{guard.reason} received: checkpoint of step "

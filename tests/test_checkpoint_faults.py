@@ -14,10 +14,12 @@ import pytest
 
 from nitp_jax import checkpoint as ckpt_lib
 from nitp_jax import checkpoint_faults
+from nitp_jax import flag_names
 from nitp_jax import jitted
 from nitp_jax import train
 from nitp_jax.errors import CheckpointError
 from tests.conftest import train_config
+from tests.helpers import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +59,7 @@ def _copy(trained, tmp_path):
 
 
 def test_rerunning_twice_after_a_damaged_checkpoint_completes(prepared_dir, trained, tmp_path,
-                                                              caplog):
+                                                              caplog, capsys):
   workdir, ckpts = _copy(trained, tmp_path)
   _truncate(_largest_data_file(os.path.join(ckpts, "8")))
   cfg = _cfg(prepared_dir)
@@ -70,7 +72,10 @@ def test_rerunning_twice_after_a_damaged_checkpoint_completes(prepared_dir, trai
   # Orbax never lists the moved-aside one as a step.
   assert ocp.path.step.checkpoint_steps(ckpts) in ([4, 8], [8, 4])
 
+  capsys.readouterr()
   assert train.run(cfg, workdir)["step"] == 8  # again: resumes at 8, nothing to redo
+  assert ("nothing to train: the checkpoint is at step 8 and --config.train.steps=8"
+          in capsys.readouterr().out)
   assert _listing(ckpts) == sorted(["4", "8", aside[0]])
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     steps = [r["step"] for r in map(json.loads, f) if r["kind"] == "train"]
@@ -204,3 +209,17 @@ def test_a_failed_save_is_one_line_and_the_rerun_completes(prepared_dir, trained
 
   assert train.run(_cfg(prepared_dir), workdir)["step"] == 8
   assert _listing(ckpts) == ["4", "8"]
+
+
+def test_turning_nitp_off_or_on_names_nitp_weight():
+  # λ = 0 builds no projector: an NITP checkpoint cannot resume as NTP (nor
+  # the reverse), so the refusal names the field instead of Orbax's tree diff.
+  nitp, ntp = small_config(), small_config(weight=0.0)
+  for saved, current in ((nitp, ntp), (ntp, nitp)):
+    with pytest.raises(CheckpointError, match=r"another config \(nitp.weight: "
+                       r"\d.\d -> \d.\d \(the NITP projector exists only when nitp.weight > 0\)"):
+      ckpt_lib.check_resumable(saved, current, "/ckpt")
+  ckpt_lib.check_resumable(nitp, small_config(weight=0.5), "/ckpt")  # same train state
+  with flag_names.spelled({"workdir": "--out"}, has_config=True):  # compare's arms
+    with pytest.raises(CheckpointError, match="or use a new --out"):
+      ckpt_lib.check_resumable(nitp, ntp, "/ckpt")

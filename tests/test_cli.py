@@ -66,3 +66,28 @@ def test_a_stray_positional_argument_is_one_line(module, flag, tmp_path):
   out = run("-m", module, flag, f"--workdir={tmp_path}/w", "extra")
   assert_one_line_error(out, "unexpected argument(s) 'extra'")
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_help_lists_the_config_flag():
+  # absl's --help lists the main module's flags; --config is defined by
+  # ml_collections, so cli.define_config_flag makes it one of the program's.
+  out = run("-m", "nitp_jax.train", "--help")
+  assert "--config: Config file" in out.stdout, out.stdout[-3000:]
+  assert "--workdir:" in out.stdout, out.stdout[-3000:]
+
+
+def test_an_override_of_a_missing_field_names_it():
+  from nitp_jax import cli, config  # pylint: disable=import-outside-toplevel
+  train_cfg = config.base_config().train
+  with pytest.raises(AttributeError) as typo:  # the error ml_collections raises
+    getattr(train_cfg, "stpes")
+  with pytest.raises(AttributeError) as unknown:
+    getattr(train_cfg, "qqq")
+  argv = ["train", "--config=configs/tiny.py", "--config.train.stpes=5", "--config.train.qqq=1"]
+  assert cli.unknown_field_message(typo.value, argv) == (
+      "--config.train.stpes=5: the config has no field train.stpes; did you mean "
+      "--config.train.steps? nitp_jax/config.py lists the fields")
+  assert cli.unknown_field_message(unknown.value, argv) == (
+      "--config.train.qqq=1: the config has no field train.qqq; nitp_jax/config.py lists "
+      "the fields")
+  assert cli.unknown_field_message(ValueError("'x'"), argv) is None

@@ -130,6 +130,19 @@ def test_mfu_arithmetic():
   assert Throughput(1000, 10).utilisation(1000.0) == {}
 
 
+def test_throughput_leaves_out_evals_and_saves():
+  # 10 steps take 1 s each; an eval and a save after step 20 take 30 s.
+  now = iter([0.0, 10.0, 40.0, 50.0])
+  tp = Throughput(1000, 100, clock=lambda: next(now))
+  assert tp.update(10) == {}  # the first report only starts the clock
+  assert tp.update(20)["step_s"] == pytest.approx(1.0)
+  tp.restart(20)  # after the eval and the save of step 20
+  after = tp.update(30)
+  assert after["step_s"] == pytest.approx(1.0)
+  assert after["tokens_per_s"] == pytest.approx(1000.0)
+  assert after["eta_s"] == pytest.approx(70.0)
+
+
 def test_console_line_shows_mfu():
   m = {"loss": 2.0, "ntp": 1.9, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1000.0,
        "eta_s": 60.0, "model_tflops": 0.5, "mfu": 0.05}

@@ -188,8 +188,17 @@ def test_plot_runs_writes_a_png(tmp_path):
   pixels = plot.plt.imread(out)
   assert pixels.std() > 0.05  # not a blank canvas
   assert plot.run_labels(["x/run", "y/run", "z"]) == ["x/run", "y/run", "z"]
-  with pytest.raises(plot.PlotError, match="no metrics.jsonl"):
+  with pytest.raises(plot.PlotError, match="no metrics.jsonl.*nitp_jax.train's --workdir"):
     plot.plot_runs([str(tmp_path / "missing")], str(tmp_path / "x.png"))
+
+
+def test_plot_out_path_is_the_file_written(tmp_path):
+  # matplotlib adds ".png" to a path without an extension, and an extension
+  # it cannot write was a ValueError traceback.
+  assert plot.figure_path(str(tmp_path / "fig")) == str(tmp_path / "fig.png")
+  assert plot.figure_path("a/b.PDF") == "a/b.PDF"
+  with pytest.raises(plot.PlotError, match=r"cannot write a figure to 'x.txt'.*\.png"):
+    plot.figure_path("x.txt")
 
 
 def test_seed_groups_are_drawn_as_mean_and_band(tmp_path):

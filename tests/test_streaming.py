@@ -202,7 +202,8 @@ def test_heldout_dir_reads_like_prepared_data(tmp_path, corpus, tokenizer_path):
   one = tmp_path / "one.jsonl"
   one.write_text(json.dumps({"text": "a single document"}) + "\n")
   cfg.data.input, cfg.data.weights = str(one), ""
-  with pytest.raises(DataError, match="nothing can be held out"):
+  with pytest.raises(DataError, match=r"nothing can be held out.*a \.txt or \.md file is one "
+                     r"document.*--config\.data\.val_fraction=0"):
     streaming.ensure_heldout_dir(cfg, str(tmp_path / "data1"))
 
 

@@ -35,7 +35,8 @@ def test_task_files_are_checked_line_by_line(tmp_path):
     tasks.load_task(str(path))
   path.write_text(json.dumps(good) + "\n")
   assert tasks.load_task(str(path)) == [tasks.Item("a b", (" c", " d"), 1)]
-  with pytest.raises(DataError, match="does not exist"):
+  with pytest.raises(DataError, match=r"does not exist: .*or a built-in task \(next_line\), "
+                     r"in --config.train.eval_tasks"):
     tasks.load_task(str(tmp_path / "nope.jsonl"))
 
 
@@ -83,6 +84,11 @@ def test_next_line_task_uses_other_documents_as_distractors():
   assert len({it.label for it in items}) > 1
   with pytest.raises(DataError, match="too few or too short"):
     tasks.next_line_task(DOCS[:1], context_lines=5)
+  # Lines to predict but no long enough lines elsewhere to choose against (a
+  # mixture's held-out code file next to one-line documents): no empty task.
+  short = ["def f(x):\n    return 1\n", "def g(x):\n    return 2\n"]
+  with pytest.raises(DataError, match="no usable line has 3 lines of other documents"):
+    tasks.next_line_task(DOCS[:1] + short, context_lines=5)
 
 
 def test_written_tasks_load_back(tmp_path):

@@ -171,6 +171,20 @@ def test_wsd_schedule_matches_a_float32_transcription():
   assert worst == dict.fromkeys(worst, 0), worst
 
 
+def test_resuming_under_another_schedule_says_how_the_rate_moves():
+  # A finished 200-step run (decayed to 0) given 500 steps re-warms to the peak.
+  saved = train_config("", steps=200).train
+  longer = train_config("", steps=500).train
+  assert optim.schedule_change(saved, longer, 200) == (
+      "the learning-rate schedule differs from the checkpoint's (train.steps: 200 -> 500): "
+      "the rate at step 200 is 3.00e-03, where the checkpoint's run was at 0.00e+00")
+  assert optim.schedule_change(saved, train_config("", steps=200).train, 200) is None
+  # Still in the stable phase of both: nothing changes at this step.
+  assert optim.schedule_change(train_config("", steps=1000).train, longer, 100) is None
+  del saved["schedule"]  # a checkpoint from before a field existed: no note
+  assert optim.schedule_change(saved, longer, 200) is None
+
+
 def test_weight_decay_skips_norms_and_biases():
   params = {"layers_0_2": {"attn_norm": {"scale": jnp.ones((2, 4))},
                            "attn": {"q": jnp.ones((2, 4, 2, 2)), "q_bias": jnp.ones((2, 2, 2))}},

@@ -58,7 +58,7 @@ from nitp_jax.data import tokenizer as tok_lib
 from nitp_jax.data.corpus import Corpus, open_corpus
 from nitp_jax.errors import DataError
 from nitp_jax.flag_names import flag
-from nitp_jax.layout import MANIFEST, TOKENIZER, write_json
+from nitp_jax.layout import MANIFEST, TOKENIZER, make_local_dir, write_json
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
@@ -358,7 +358,7 @@ def _check_existing(output_dir: str, inputs: dict[str, Any]
 
 def _clean(output_dir: str) -> None:
   """Remove what an earlier, incomplete run may have left."""
-  os.makedirs(output_dir, exist_ok=True)
+  make_local_dir(output_dir, flag("data.prepared_dir"), DataError)
   for name in os.listdir(output_dir):
     if name.endswith(".array_record") or name.startswith(("tokenizer.", "tokenizer_")):
       os.remove(os.path.join(output_dir, name))
@@ -504,5 +504,5 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
   cli.run_main(main, define_flags, usage="--input=PATH_OR_GLOB --output=DIR "
-               "[--vocab_size=N] [--tokenizer=FILE.model] [--max_bad_fraction=F]",
+               "[--vocab_size=N] [--tokenizer=FILE.model|tokenizer.json] [--max_bad_fraction=F]",
                flag_names=FLAG_NAMES)

@@ -472,7 +472,9 @@ def _source_heldout(files: list[str], spec: str, num_sources: int,
     which = (f"the first file of {flag('data.input')}" if num_sources == 1 else
              f"the first file of the {flag('data.input')} source {spec!r}")
     raise DataError(f"{files[0]} ({which}) has fewer than two documents, so nothing can be "
-                    "held out for evaluation: put a file with several documents first.")
+                    "held out for evaluation: put a file with several documents first (a "
+                    ".txt or .md file is one document: a .jsonl or .parquet file holds "
+                    f"many), or train without evaluation with {flag('data.val_fraction')}=0.")
   return docs
 
 

@@ -382,4 +382,5 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
   cli.run_main(main, define_flags, usage="--config=FILE --out=DIR [--seeds=N] "
-               "[--ablation=NAME:field=value,...]")
+               "[--ablation=NAME:field=value,...]",
+               flag_names={"workdir": "--out"})  # each arm's workdir is under --out

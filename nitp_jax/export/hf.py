@@ -493,6 +493,7 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   if f.tokenizer:
     tok_lib.load_tokenizer(f.tokenizer)  # DataError naming --tokenizer, before the restore
+  layout.make_local_dir(f.out, "--out", ExportError)  # before the restore, too
   _, cfg, params = ckpt_lib.restore_params(f.workdir, f.step)
   out = export_from_params(params, cfg, f.out, f.workdir, f.tokenizer or None)
   print(f"wrote {ARCHITECTURES[hf_model_type(cfg)]} to {out}")
@@ -503,7 +504,8 @@ def define_flags() -> None:
                       required=True)
   flags.DEFINE_string("out", None, "Output directory for the HF model.", required=True)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  flags.DEFINE_string("tokenizer", "", "SentencePiece .model (default: the run's).")
+  flags.DEFINE_string("tokenizer", "", "SentencePiece .model or HuggingFace "
+                      "tokenizer.json (default: the run's).")
 
 
 if __name__ == "__main__":
