@@ -22,8 +22,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import sys
-from typing import TextIO
 
 import jax
 import jax.numpy as jnp
@@ -207,28 +207,32 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   texts = read_prompts(f.prompt, f.prompts_file)
   sampling = Sampling(f.temperature, f.top_k, f.top_p)
-  out = open_output(f.output) if f.output else None  # before the restore and the sampling
-  try:
-    step, results = sample_run(f.workdir, texts, f.max_new_tokens, sampling, f.seed, f.step,
-                               f.batch_size)
-    for i, r in enumerate(results):
-      print(f"--- sample {i + 1}/{len(results)} (step {step}) ---\n{r['prompt']}{r['completion']}")
-    sys.stdout.flush()
-    if out:
+  if f.output:
+    check_output(f.output)  # before the restore and the sampling
+  step, results = sample_run(f.workdir, texts, f.max_new_tokens, sampling, f.seed, f.step,
+                             f.batch_size)
+  for i, r in enumerate(results):
+    print(f"--- sample {i + 1}/{len(results)} (step {step}) ---\n{r['prompt']}{r['completion']}")
+  sys.stdout.flush()
+  if f.output:
+    with open(f.output, "w", encoding="utf-8") as out:
       for r in results:
         out.write(json.dumps({**r, "step": step}) + "\n")
-  finally:
-    if out:
-      out.close()
 
 
-def open_output(path: str) -> TextIO:
-  """`path` opened for writing; ConfigError naming --output if it cannot be."""
+def check_output(path: str) -> None:
+  """ConfigError naming --output if `path` cannot be written; an existing
+  file is left as it is (opened to append, nothing written) until the
+  samples replace it."""
+  existed = os.path.exists(path)
   try:
-    return open(path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
+    with open(path, "a", encoding="utf-8"):
+      pass
   except OSError as e:
     raise ConfigError(f"--output={path} cannot be written ({e.strerror or e}): pass a file "
                       "path in a writable directory") from e
+  if not existed:
+    os.remove(path)
 
 
 def define_flags() -> None:
